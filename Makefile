@@ -1,0 +1,45 @@
+# The verbs of the project. `make demo` and `make test` start from nothing: they create .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# The GPU machines have their own torch and triton; the missing pure-Python wheels travel in .wheels/.
+GPU_WHEELS := omegaconf==2.4.0 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 \
+	flash-linear-attention==0.6.0 fla-core==0.6.0
+
+.PHONY: install demo test test-gpu bench wheels lint clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(INSTALLED)
+
+demo: install
+	rm -rf runs/lm-demo
+	$(BIN)/hgrn2 fit --config configs/lm/demo.yaml
+	$(BIN)/hgrn2 generate --ckpt_path runs/lm-demo/checkpoints/last.ckpt --prompt "def " --max_new_tokens 300 --seed 0
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+# On a GPU machine (see shared GPU notes): its python3 has torch and triton; bring the rest as wheels.
+test-gpu:
+	python3 -m pip install -q --no-deps .wheels/*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e .
+	python3 -m pytest -q -m gpu
+
+bench:
+	python3 -m pip install -q --no-deps .wheels/*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e .
+	python3 benchmarks/scan.py
+
+wheels:
+	$(PYTHON) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)
+
+lint: install
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check hgrn2_lightning kernels datamodules tests benchmarks
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,3 @@
+from hgrn2_lightning.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""The causal language model: token embedding, the HGRN2 backbone, an output head; and its LightningModule."""
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hgrn2_lightning.checkpoint import load_rng_states, save_rng_states
+from hgrn2_lightning.model import HGRN2, HGRN2Config, init_weights
+from hgrn2_lightning.optim import OptimConfig, configure_adamw
+
+
+class CausalLM(nn.Module):
+    """tokens [B, T] -> next-token logits [B, T, vocab]. No positional encoding: the recurrence orders."""
+
+    def __init__(self, config: HGRN2Config, vocab_size: int, tie_embeddings: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, config.d_model)
+        self.backbone = HGRN2(config)
+        self.head = nn.Linear(config.d_model, vocab_size, bias=False)
+        self.apply(lambda module: init_weights(module, config.init_std))
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
+        """Given `states` (from `new_states`), they carry the context in and are advanced in place."""
+        return self.head(self.backbone(self.embed(tokens), states))
+
+    def new_states(self, batch_size: int, device: torch.device | str | None = None) -> list[Tensor]:
+        return self.backbone.new_states(batch_size, device)
+
+
+class LanguageModel(L.LightningModule):
+    """Trains `CausalLM` on next-token prediction; logs loss, bits per token and byte, lr and tokens/s."""
+
+    def __init__(
+        self,
+        backbone: HGRN2Config = HGRN2Config(),
+        vocab_size: int | None = None,
+        tie_embeddings: bool = False,
+        optim: OptimConfig = OptimConfig(),
+        tokenizer: str = "bytes",
+    ):
+        """
+        Args:
+            backbone: sizes and options of the HGRN2 layers.
+            vocab_size: comes from the DataModule's tokenizer (linked by the CLI).
+            tie_embeddings: share the input embedding with the output head.
+            optim: AdamW and learning-rate schedule.
+            tokenizer: the tokenizer the data used (linked by the CLI); stored so `hgrn2 generate` can decode.
+        """
+        super().__init__()
+        if not vocab_size:
+            raise ValueError(
+                "model.vocab_size is not set: the CLI links it from data.vocab_size, so use a DataModule "
+                "that has a tokenizer, or set model.init_args.vocab_size"
+            )
+        self.save_hyperparameters()
+        self.optim = optim
+        self.model = CausalLM(backbone, vocab_size, tie_embeddings)
+        self._last_step_end: float | None = None
+
+    def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
+        return self.model(tokens, states)
+
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {self.global_step}: lower model.optim.lr, "
+                f"set trainer.gradient_clip_val (e.g. 1.0), or train in bf16-mixed or fp32 rather than fp16; "
+                f"resume from the last good checkpoint with --ckpt_path"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bits_per_token", loss / math.log(2))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Between two step ends lies one whole step (data, forward, backward, optimizer), synchronised
+        # by the loss check; a host timer around the forward alone would time only the kernel launches.
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            tokens = batch[0].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._last_step_end))
+        self._last_step_end = now
+
+    def on_validation_start(self) -> None:
+        self._last_step_end = None
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._log_eval("val", batch)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._log_eval("test", batch)
+
+    def _log_eval(self, split: str, batch: tuple[Tensor, Tensor]) -> None:
+        loss = self._loss(batch)
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/bits_per_token", loss / math.log(2), sync_dist=True)
+        bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", None)
+        if bytes_per_token:
+            self.log(f"{split}/bits_per_byte", loss / math.log(2) / bytes_per_token, prog_bar=True, sync_dist=True)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Per-token loss (nats) of each sequence: what a scoring or perplexity job wants."""
+        inputs, targets = batch
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+
+    def on_fit_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        datamodule = self.trainer.datamodule
+        if "val/bits_per_byte" in metrics and self.trainer.is_global_zero:
+            entropy = getattr(datamodule, "unigram_entropy", lambda: None)()
+            beside = f" (unigram entropy of the validation bytes: {entropy:.2f})" if entropy else ""
+            print(f"\nvalidation bits per byte: {metrics['val/bits_per_byte']:.3f}{beside}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_rng_states(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_rng_states(checkpoint)
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.optim, self.trainer.estimated_stepping_batches)

@@ -1,0 +1,194 @@
+"""The HGRN2 backbone: token mixer (HGRU2), channel mixer (GLU), pre-norm blocks and the layer stack.
+
+Qin et al. 2024, "HGRN2: Gated Linear RNNs with State Expansion". Per layer, with heads of size
+e = expand_ratio: q = SiLU(x W_q), lambda = b + (1 - b) sigmoid(x W_f), i = x W_i,
+S_t = Diag(lambda_t) S_{t-1} + (1 - lambda_t)^T i_t, o_t = q_t S_t, y = W_o RMSNorm(o). The lower
+bounds b rise with depth (a softmax over layers, cumulated), so higher layers remember longer.
+The heads (LM, image, sequence classifier) embed their inputs and call `HGRN2`.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import hgrn2_scan, hgrn2_step
+
+
+@dataclass
+class HGRN2Config:
+    """Sizes and options of the backbone; the YAML configs set these under `model.init_args.backbone`."""
+
+    d_model: int = 512
+    n_layers: int = 8
+    expand_ratio: int = 64
+    """Head size e: the state of a head is e x e, and there are d_model / e heads."""
+    mlp_hidden: int | None = None
+    """GLU hidden size; None picks 8/3 d_model rounded up to a multiple of 64 (SwiGLU's usual size)."""
+    mlp_act: Literal["silu", "gelu", "none"] = "silu"
+    """"silu" is SwiGLU (fla); "none" the bilinear GLU of the official code."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    """Stochastic depth: the rate rises linearly to this value at the last layer."""
+    use_lower_bound: bool = True
+    bidirectional: bool = False
+    """Non-causal layers (vision, LRA): a forward and a reverse scan, summed."""
+    scale: float | None = None
+    """Factor on q inside the scan; None is expand_ratio ** -0.5 (fla), 1.0 is the official code's."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.expand_ratio:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of expand_ratio ({self.expand_ratio}): "
+                f"the heads are d_model / expand_ratio"
+            )
+        if not 0 <= self.dropout < 1 or not 0 <= self.drop_path < 1:
+            raise ValueError(f"dropout and drop_path must be in [0, 1), got {self.dropout} and {self.drop_path}")
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_model // self.expand_ratio
+
+    @property
+    def glu_hidden(self) -> int:
+        return self.mlp_hidden or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: HGRN2Config, dim: int | None = None) -> nn.Module:
+    dim = dim or config.d_model
+    return RMSNorm(dim, config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+class HGRU2(nn.Module):
+    """The token mixer: gated linear recurrence with an e x e outer-product state per head."""
+
+    def __init__(self, config: HGRN2Config):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.in_proj = nn.Linear(d, 3 * d, bias=False)  # q (output gate), f (forget logits), i (input)
+        self.out_norm = RMSNorm(d, config.norm_eps)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None) -> Tensor:
+        """x [B, T, d] -> [B, T, d]. A given `state` [B, H, e, e] (float32) is advanced in place."""
+        B, T, _ = x.shape
+        H, e = self.config.n_heads, self.config.expand_ratio
+        q, f, i = self.in_proj(x).view(B, T, 3, H, e).unbind(2)
+        q = F.silu(q)
+        scan = dict(lower_bound=lower_bound, scale=self.config.scale)
+        if state is None:
+            o, _ = hgrn2_scan(q, f, i, **scan)
+            if self.config.bidirectional:
+                o = o + hgrn2_scan(q, f, i, reverse=True, **scan)[0]
+        elif self.config.bidirectional:
+            raise ValueError("a bidirectional layer sees the whole sequence at once; it has no recurrent state")
+        elif T == 1:
+            o = hgrn2_step(q, f, i, state, **scan)
+        else:
+            o, final_state = hgrn2_scan(q, f, i, initial_state=state, output_final_state=True, **scan)
+            state.copy_(final_state)
+        return self.out_proj(self.out_norm(o.reshape(B, T, -1)))
+
+
+class GLU(nn.Module):
+    """The channel mixer: W_3 (act(W_1 x) * W_2 x)."""
+
+    def __init__(self, config: HGRN2Config):
+        super().__init__()
+        self.act = {"silu": F.silu, "gelu": F.gelu, "none": nn.Identity()}[config.mlp_act]
+        self.in_proj = nn.Linear(config.d_model, 2 * config.glu_hidden, bias=False)
+        self.out_proj = nn.Linear(config.glu_hidden, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.in_proj(x).chunk(2, dim=-1)
+        return self.out_proj(self.act(gate) * up)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch, rescale the survivors."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.rate)
+        return x * keep / (1 - self.rate)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += HGRU2(norm x); x += GLU(norm x)."""
+
+    def __init__(self, config: HGRN2Config, drop_path: float):
+        super().__init__()
+        self.mixer_norm = make_norm(config)
+        self.mixer = HGRU2(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = GLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.dropout(self.mixer(self.mixer_norm(x), lower_bound, state)))
+        return x + self.drop_path(self.dropout(self.mlp(self.mlp_norm(x))))
+
+
+class HGRN2(nn.Module):
+    """The layer stack with its learned forget-gate lower bounds and a final norm; inputs are embedded."""
+
+    def __init__(self, config: HGRN2Config):
+        super().__init__()
+        self.config = config
+        drop_rates = torch.linspace(0, config.drop_path, config.n_layers).tolist()
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in drop_rates)
+        # Zeros give a uniform softmax: layer l starts with bound l / n_layers.
+        self.lower_bound_logits = nn.Parameter(torch.zeros(config.n_layers, config.d_model))
+        self.final_norm = make_norm(config)
+
+    def lower_bounds(self) -> list[Tensor | None]:
+        """b_l = sum_{j<l} softmax(Gamma)_j per channel. Layer 0's bound is exactly 0: it gets None."""
+        if not self.config.use_lower_bound:
+            return [None] * self.config.n_layers
+        p = self.lower_bound_logits.float().softmax(dim=0)
+        # Rounding can make the sum reach 1.0 when the upper layers' share is tiny; a bound of exactly 1
+        # freezes the layer and gives infinite gradients, so keep it a hair below.
+        bounds = (p.cumsum(dim=0) - p).clamp(max=1 - 1e-6).unbind(0)
+        return [None, *bounds[1:]]
+
+    def forward(self, x: Tensor, states: list[Tensor] | None = None) -> Tensor:
+        """x [B, T, d] -> [B, T, d]. Given `states` (one per layer, from `new_states`), they advance in place."""
+        for layer, (block, bound) in enumerate(zip(self.blocks, self.lower_bounds())):
+            x = block(x, bound, None if states is None else states[layer])
+        return self.final_norm(x)
+
+    def new_states(self, batch_size: int, device: torch.device | str | None = None) -> list[Tensor]:
+        """Zero recurrent states, float32 [B, H, e, e] per layer, for token-by-token decoding."""
+        H, e = self.config.n_heads, self.config.expand_ratio
+        return [torch.zeros(batch_size, H, e, e, device=device) for _ in self.blocks]
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """The paper code's initialisation: normal(0, std) for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,153 @@
+"""The public HGRN2 scan and decode step: input checks, then dispatch to a backend by device."""
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from kernels.reference import chunked_recurrence, hgrn2_gate, naive_recurrence
+
+Backend = Literal["auto", "triton", "chunked", "naive"]
+
+
+def hgrn2_scan(
+    q: Tensor,
+    f: Tensor,
+    i: Tensor,
+    lower_bound: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    reverse: bool = False,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """HGRN2's gated linear recurrence over a whole sequence.
+
+    S_t = Diag(lambda_t) S_{t-1} + (1 - lambda_t)^T i_t and o_t = scale * q_t S_t per head, with
+    lambda_t = b + (1 - b) * sigmoid(f_t) formed from the forget logits f inside the scan.
+
+    Args:
+        q, f: [B, T, H, K] output gate (the query) and forget-gate logits.
+        i: [B, T, H, V] input (the value).
+        lower_bound: the layer's lower bound b in [0, 1), [H, K] or [H * K]; None for no bound.
+        scale: factor on q; None means K ** -0.5.
+        initial_state: [N, H, K, V], N = B, or the number of sequences when cu_seqlens is given.
+        output_final_state: also return the state after the last step, [N, H, K, V] in float32.
+        cu_seqlens: int tensor [N + 1] of packed sequence boundaries (B must be 1): no state crosses them.
+        reverse: scan from the end of each sequence to its start (the backward half of a
+            bidirectional layer).
+        backend: "auto" picks Triton on CUDA and the chunked PyTorch form elsewhere.
+
+    Returns:
+        o [B, T, H, V] in the dtype of q, and the final state or None.
+    """
+    _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens)
+    H, K = q.shape[2:]
+    if lower_bound is not None:
+        lower_bound = lower_bound.reshape(H, K)
+    scale = K**-0.5 if scale is None else scale
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "chunked"
+    if backend == "triton":
+        from kernels.triton_scan import triton_scan
+
+        o, state = triton_scan(q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse)
+    elif backend in ("chunked", "naive"):
+        recurrence = chunked_recurrence if backend == "chunked" else naive_recurrence
+        o, state = _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse)
+    else:
+        raise ValueError(f"unknown scan backend {backend!r}: use 'auto', 'triton', 'chunked' or 'naive'")
+    return o, (state if output_final_state else None)
+
+
+def hgrn2_step(
+    q: Tensor, f: Tensor, i: Tensor, state: Tensor, lower_bound: Tensor | None = None, *, scale: float | None = None
+) -> Tensor:
+    """A few decode steps: advances `state` [B, H, K, V] (float32) in place and returns o [B, T, H, V].
+
+    q, f and i are [B, T, H, K|V] with a short T (1 when decoding one token at a time).
+    """
+    if state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the decode state must be float32 (or float64), got {state.dtype}")
+    o, final_state = hgrn2_scan(
+        q, f, i, lower_bound, scale=scale, initial_state=state, output_final_state=True, backend="naive"
+    )
+    state.copy_(final_state)
+    return o
+
+
+def _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse):
+    g, k = hgrn2_gate(f, lower_bound)
+    if cu_seqlens is None:
+        segments = [(slice(None), initial_state)]
+    else:
+        bounds = cu_seqlens.tolist()
+        segments = [
+            (slice(start, end), None if initial_state is None else initial_state[n : n + 1])
+            for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
+    outputs, states = [], []
+    for span, h0 in segments:
+        xs = [x[:, span] for x in (q, k, i, g)]
+        if reverse:
+            xs = [x.flip(1) for x in xs]
+        o, state = recurrence(*xs, scale, h0)
+        outputs.append(o.flip(1) if reverse else o)
+        states.append(state)
+    state = torch.cat(states, 0)
+    return torch.cat(outputs, 1).to(q.dtype), state.to(torch.promote_types(state.dtype, torch.float32))
+
+
+def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens) -> None:
+    """Fail with a message that says what is wrong; a silent wrong answer is the worst outcome."""
+    for name, x in (("q", q), ("f", f), ("i", i)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [batch, time, heads, head_dim], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: put all inputs on one device")
+    B, T, H, K = q.shape
+    if f.shape != q.shape:
+        raise ValueError(f"f must have the shape of q {tuple(q.shape)}, got {tuple(f.shape)}")
+    if i.shape[:3] != q.shape[:3]:
+        raise ValueError(f"i must be [{B}, {T}, {H}, V] like q in its first three dims, got {tuple(i.shape)}")
+    if lower_bound is not None:
+        if lower_bound.numel() != H * K:
+            raise ValueError(
+                f"lower_bound must have heads * head_dim = {H * K} values ([H, K] or [H * K]), "
+                f"got shape {tuple(lower_bound.shape)}"
+            )
+        if lower_bound.device != q.device:
+            raise ValueError(f"lower_bound is on {lower_bound.device} but q is on {q.device}")
+        # NaN is let through, as in q, f and i: a diverged model should fail at its loss, with advice.
+        if _may_sync() and bool(((lower_bound < 0) | (lower_bound >= 1)).any()):
+            raise ValueError(
+                f"lower_bound must lie in [0, 1) (it is a forget-gate floor), got values in "
+                f"[{lower_bound.min().item():.4g}, {lower_bound.max().item():.4g}]"
+            )
+    n_states = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the sequences are packed along time, so batch must be 1, got {B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [0, end_1, ..., T] of sequence boundaries")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b >= e for b, e in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {T}, got {bounds[:8]}...")
+        n_states = len(bounds) - 1
+    if initial_state is not None:
+        expected = (n_states, H, K, i.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must be {list(expected)} ([sequences, H, K, V]), got {list(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+
+
+def _may_sync() -> bool:
+    """Value checks read device memory; skip them where a sync is not allowed (compile, graph capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

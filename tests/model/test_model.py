@@ -1,0 +1,154 @@
+"""The backbone and the language model: causality, recurrent decoding, lower bounds, optimiser groups."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hgrn2_lightning.generate import generate, sample_next
+from hgrn2_lightning.lm import CausalLM
+from hgrn2_lightning.model import HGRN2, HGRN2Config
+from hgrn2_lightning.optim import OptimConfig, configure_adamw, learning_rate_schedule
+from tests.helpers import relative_error
+
+TINY = dict(d_model=32, n_layers=3, expand_ratio=8)
+
+
+def tiny_lm(vocab_size=50, seed=0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    model = CausalLM(HGRN2Config(**{**TINY, **overrides}), vocab_size)
+    with torch.no_grad():  # spread the lower bounds, so every layer has a different one
+        model.backbone.lower_bound_logits.normal_(0, 1.0)
+    return model.eval()
+
+
+def test_language_model_is_causal():
+    model = tiny_lm()
+    tokens = torch.randint(0, 50, (2, 40))
+    logits = model(tokens)
+    for t in (0, 17, 38):
+        changed = tokens.clone()
+        changed[:, t + 1 :] = torch.randint(0, 50, changed[:, t + 1 :].shape)
+        assert torch.equal(model(changed)[:, : t + 1], logits[:, : t + 1])
+        assert not torch.allclose(model(changed)[:, t + 1 :], logits[:, t + 1 :])
+
+
+def test_bidirectional_layers_see_the_future():
+    torch.manual_seed(0)
+    backbone = HGRN2(HGRN2Config(**TINY, bidirectional=True)).eval()
+    x = torch.randn(1, 20, 32)
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    assert not torch.allclose(backbone(x)[:, 0], backbone(changed)[:, 0])
+
+
+@pytest.mark.parametrize("prompt_length", [1, 5, 33])
+def test_recurrent_decoding_equals_the_full_forward(prompt_length):
+    model = tiny_lm().double()
+    tokens = torch.randint(0, 50, (3, 45))
+    full = model(tokens)
+    states = [s.double() for s in model.new_states(3)]
+    pieces = [model(tokens[:, :prompt_length], states)]
+    pieces += [model(tokens[:, t : t + 1], states) for t in range(prompt_length, 45)]
+    assert relative_error(torch.cat(pieces, 1), full) < 1e-12
+
+
+def test_recurrent_decoding_in_float32():
+    model = tiny_lm()
+    tokens = torch.randint(0, 50, (2, 30))
+    states = model.new_states(2)
+    stepped = torch.cat([model(tokens[:, t : t + 1], states) for t in range(30)], 1)
+    assert relative_error(stepped, model(tokens)) < 1e-5
+
+
+def test_lower_bounds_start_unbounded_and_rise_with_depth():
+    backbone = HGRN2(HGRN2Config(d_model=16, n_layers=5, expand_ratio=4))
+    bounds = backbone.lower_bounds()
+    assert bounds[0] is None
+    # Fresh (uniform softmax): layer l starts at l / L.
+    for layer, bound in enumerate(bounds[1:], start=1):
+        assert torch.allclose(bound, torch.full((16,), layer / 5))
+    with torch.no_grad():
+        backbone.lower_bound_logits.normal_(0, 3.0)
+    bounds = torch.stack(backbone.lower_bounds()[1:])
+    assert (bounds.diff(dim=0) >= 0).all() and (bounds > 0).all() and (bounds < 1).all()
+    assert HGRN2(HGRN2Config(d_model=16, n_layers=3, expand_ratio=4, use_lower_bound=False)).lower_bounds() == [None] * 3
+
+
+def test_lower_bound_logits_receive_gradients_from_every_layer_but_the_first():
+    model = tiny_lm().train()
+    model(torch.randint(0, 50, (2, 16))).sum().backward()
+    grad = model.backbone.lower_bound_logits.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_config_rejects_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="multiple of expand_ratio"):
+        HGRN2Config(d_model=100, expand_ratio=64)
+
+
+def test_weight_decay_only_on_matrices_and_tied_weights_counted_once():
+    model = CausalLM(HGRN2Config(**TINY), 50, tie_embeddings=True)
+    optimizer = configure_adamw(model, OptimConfig(weight_decay=0.1), total_steps=10)["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    assert {id(p) for p in decay["params"]} == matrices
+    assert id(model.backbone.lower_bound_logits) in {id(p) for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_schedules():
+    cosine = learning_rate_schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr=0.1), total_steps=110)
+    assert [cosine(s) for s in (0, 5, 10)] == pytest.approx([0.0, 0.5, 1.0])
+    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1) and cosine(500) == pytest.approx(0.1)
+    inverse_sqrt = learning_rate_schedule(
+        OptimConfig(lr=1.0, warmup_steps=4, warmup_init_lr=1e-7, schedule="inverse_sqrt"), total_steps=100
+    )
+    assert inverse_sqrt(0) == pytest.approx(1e-7) and inverse_sqrt(4) == 1.0
+    assert inverse_sqrt(16) == pytest.approx(0.5) and inverse_sqrt(64) == pytest.approx(0.25)
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.0]])
+    assert sample_next(logits, temperature=0).tolist() == [1, 0]
+    assert sample_next(logits, top_k=1).tolist() == [1, 0]
+    assert sample_next(logits, top_p=0.01).tolist() == [1, 0]
+    # top_k = 2 never yields a token outside the two best.
+    draws = torch.stack([sample_next(logits, top_k=2) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) <= {1, 3} and set(draws[:, 1].tolist()) == {0, 3}
+    # top_p keeps the smallest head of the distribution that holds p: here the first two of row 1.
+    probs = logits[1].softmax(-1)
+    p = (probs[0] + probs[3]).item() - 1e-3
+    draws = torch.stack([sample_next(logits, top_p=p) for _ in range(200)])
+    assert set(draws[:, 1].tolist()) == {0, 3}
+
+
+def test_generation_is_reproducible_with_a_seed_and_greedy_is_deterministic():
+    model = tiny_lm()
+    prompt = torch.randint(0, 50, (2, 7))
+    runs = [
+        torch.stack(list(generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3))), 1)
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    greedy = torch.stack(list(generate(model, prompt, 12, temperature=0)), 1)
+    # Greedy decoding picks the argmax of the full forward's logits at every position.
+    sequence = torch.cat([prompt, greedy], 1)
+    assert torch.equal(model(sequence)[:, 6:-1].argmax(-1), greedy)
+
+
+def test_generation_rejects_bad_requests():
+    model = tiny_lm()
+    with pytest.raises(ValueError, match="non-empty"):
+        next(generate(model, torch.zeros(1, 0, dtype=torch.long), 5))
+    with pytest.raises(ValueError, match="at least 1"):
+        next(generate(model, torch.zeros(1, 3, dtype=torch.long), 0))
+
+
+def test_initialisation_follows_the_paper_code():
+    model = CausalLM(HGRN2Config(d_model=256, n_layers=2, expand_ratio=64), 1000)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.backbone.blocks[0].mixer.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert math.isclose(model.backbone.blocks[1].mlp_norm.weight.mean().item(), 1.0)

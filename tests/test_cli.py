@@ -1,0 +1,159 @@
+"""The `hgrn2` command end to end on CPU: configs, fit, resume, generate, DDP, and the errors users meet."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from hgrn2_lightning.checkpoint import AtomicCheckpointIO
+from hgrn2_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+class StopAtStep(L.Callback):
+    """Ends fit after `step` optimizer steps, as an interrupted run would (its last checkpoint stays)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def tiny_lm_config(tmp_path: Path, corpus: str, max_steps: int = 8, dropout: float = 0.1, stop_at: int | None = None):
+    """The demo config, shrunk to seconds: same classes, same keys."""
+    config = yaml.safe_load((ROOT / "configs/lm/demo.yaml").read_text())
+    run = tmp_path / "run"
+    trainer = config["trainer"]
+    trainer.update(
+        max_steps=max_steps, val_check_interval=4, limit_val_batches=2, num_sanity_val_steps=0,
+        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run),
+    )
+    trainer["logger"]["init_args"]["save_dir"] = str(run)
+    trainer["callbacks"][0]["init_args"].update(dirpath=str(run / "checkpoints"), every_n_train_steps=4)
+    if stop_at:
+        trainer["callbacks"].append({"class_path": "tests.test_cli.StopAtStep", "init_args": {"step": stop_at}})
+    model = config["model"]["init_args"]
+    model["backbone"] = dict(d_model=32, n_layers=2, expand_ratio=8, dropout=dropout)
+    model["optim"]["warmup_steps"] = 2
+    config["data"]["init_args"].update(source=corpus, seq_len=32, batch_size=4)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"config-{stop_at or max_steps}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, run
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"def function_{n}(x):\n    return x * {n} + {n % 7}\n\n" for n in range(400)))
+    return str(path)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
+def test_every_config_parses_and_prints(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+def test_printed_config_runs_as_written(tmp_path, corpus, capsys):
+    config, run = tiny_lm_config(tmp_path, corpus, max_steps=2)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    main(["fit", "--config", str(printed)])
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_fit_validate_test_predict_and_generate(tmp_path, corpus, capsys):
+    config, run = tiny_lm_config(tmp_path, corpus)
+    main(["fit", "--config", str(config)])
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["global_step"] == 8 and "rng_states" in state
+    assert list(run.glob("tensorboard/events.out.tfevents.*"))
+    for command in ("validate", "test", "predict"):
+        main([command, "--config", str(config), "--ckpt_path", str(checkpoint)])
+    capsys.readouterr()
+    main(["generate", "--ckpt_path", str(checkpoint), "--prompt", "def ", "--max_new_tokens", "20", "--seed", "1"])
+    first = capsys.readouterr().out
+    main(["generate", "--ckpt_path", str(checkpoint), "--prompt", "def ", "--max_new_tokens", "20", "--seed", "1"])
+    assert first.startswith("def ") and capsys.readouterr().out == first
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, corpus):
+    """Same data order, optimizer and scheduler state, step count and dropout stream after --ckpt_path last."""
+    straight, straight_run = tiny_lm_config(tmp_path / "a", corpus)
+    main(["fit", "--config", str(straight)])
+    interrupted, run = tiny_lm_config(tmp_path / "b", corpus, stop_at=4)
+    main(["fit", "--config", str(interrupted)])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    resumed, _ = tiny_lm_config(tmp_path / "b", corpus)
+    main(["fit", "--config", str(resumed), "--ckpt_path", "last"])
+    a = torch.load(straight_run / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert b["global_step"] == a["global_step"] == 8
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert b["lr_schedulers"][0]["last_epoch"] == a["lr_schedulers"][0]["last_epoch"]
+
+
+def test_two_process_ddp_on_cpu(tmp_path, corpus):
+    config, run = tiny_lm_config(tmp_path, corpus, max_steps=4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "hgrn2_lightning", "fit", "--config", str(config),
+         "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_unknown_config_key_is_named(tmp_path, corpus, capsys):
+    config, _ = tiny_lm_config(tmp_path, corpus)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.init_args.backbone.d_modle", "64"])
+    assert "d_modle" in capsys.readouterr().err
+
+
+def test_missing_corpus_is_named(tmp_path):
+    config, _ = tiny_lm_config(tmp_path, str(tmp_path / "missing/*.txt"))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        main(["fit", "--config", str(config)])
+
+
+def test_nan_loss_stops_with_advice(tmp_path, corpus):
+    config, _ = tiny_lm_config(tmp_path, corpus)
+    with pytest.raises(FloatingPointError, match="lower model.optim.lr"):
+        main(["fit", "--config", str(config), "--model.init_args.optim.lr", "1e30", "--trainer.gradient_clip_val", "0"])
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+
+    def torn_save(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
