@@ -25,14 +25,16 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-# On a GPU machine (see shared GPU notes): its python3 has torch and triton; bring the rest as wheels.
+# On a GPU machine: its python3 has torch and triton (its own versions); the rest comes as wheels
+# from .wheels/ (`make wheels` here, then carry the folder), installed beside the project.
+GPU_ENV := python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/hgrn2-site \
+	.wheels/*.whl && export PYTHONPATH=/tmp/hgrn2-site:$(CURDIR) PYTHONUNBUFFERED=1 &&
+
 test-gpu:
-	python3 -m pip install -q --no-deps .wheels/*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e .
-	python3 -m pytest -q -m gpu
+	$(GPU_ENV) python3 -m pytest -q -m gpu
 
 bench:
-	python3 -m pip install -q --no-deps .wheels/*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e .
-	python3 benchmarks/scan.py
+	$(GPU_ENV) python3 benchmarks/scan.py
 
 wheels:
 	$(PYTHON) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)

@@ -30,14 +30,19 @@ class HGRN2Config:
     """GLU hidden size; None picks 8/3 d_model rounded up to a multiple of 64 (SwiGLU's usual size)."""
     mlp_act: Literal["silu", "gelu", "none"] = "silu"
     """"silu" is SwiGLU (fla); "none" the bilinear GLU of the official code."""
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm: Literal["rmsnorm", "layernorm", "batchnorm"] = "rmsnorm"
+    """Norm of the blocks and the final norm; "batchnorm" (over channels) is what the LRA recipes use,
+    and `--trainer.sync_batchnorm true` makes it the paper's SyncBatchNorm under DDP."""
     norm_eps: float = 1e-6
     dropout: float = 0.0
     drop_path: float = 0.0
     """Stochastic depth: the rate rises linearly to this value at the last layer."""
     use_lower_bound: bool = True
-    bidirectional: bool = False
-    """Non-causal layers (vision, LRA): a forward and a reverse scan, summed."""
+    direction: Literal["causal", "bidirectional", "2d"] = "causal"
+    """"bidirectional" (vision, LRA): a forward and a reverse scan, summed. "2d": the sequence is a
+    row-major grid (see `grid`) scanned forward and backward along rows and along columns, summed."""
+    grid: tuple[int, int] | None = None
+    """(rows, columns) of the token grid, for direction "2d"."""
     scale: float | None = None
     """Factor on q inside the scan; None is expand_ratio ** -0.5 (fla), 1.0 is the official code's."""
     init_std: float = 0.02
@@ -48,6 +53,8 @@ class HGRN2Config:
                 f"d_model ({self.d_model}) must be a multiple of expand_ratio ({self.expand_ratio}): "
                 f"the heads are d_model / expand_ratio"
             )
+        if self.direction == "2d" and self.grid is None:
+            raise ValueError('direction "2d" needs grid: (rows, columns) of the token grid')
         if not 0 <= self.dropout < 1 or not 0 <= self.drop_path < 1:
             raise ValueError(f"dropout and drop_path must be in [0, 1), got {self.dropout} and {self.drop_path}")
 
@@ -70,9 +77,28 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the channels of [B, T, d] tokens (statistics over batch and time).
+
+    It holds a plain BatchNorm1d rather than being one: `--trainer.sync_batchnorm true` swaps every
+    BatchNorm module for a SyncBatchNorm, which would drop an overridden forward and its transpose.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
 def make_norm(config: HGRN2Config, dim: int | None = None) -> nn.Module:
     dim = dim or config.d_model
-    return RMSNorm(dim, config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(dim, eps=config.norm_eps)
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return TokenBatchNorm(dim, eps=config.norm_eps)
 
 
 class HGRU2(nn.Module):
@@ -86,25 +112,49 @@ class HGRU2(nn.Module):
         self.out_norm = RMSNorm(d, config.norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None) -> Tensor:
-        """x [B, T, d] -> [B, T, d]. A given `state` [B, H, e, e] (float32) is advanced in place."""
+    def forward(
+        self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x [B, T, d] -> [B, T, d]. A given `state` [B, H, e, e] (float32) is advanced in place.
+
+        `mask` [B, T] (true on real tokens) zeroes the input at padded steps: the state then stays zero
+        through trailing padding, so a reverse scan starts at each sequence's true end.
+        """
         B, T, _ = x.shape
         H, e = self.config.n_heads, self.config.expand_ratio
         q, f, i = self.in_proj(x).view(B, T, 3, H, e).unbind(2)
         q = F.silu(q)
+        if mask is not None:
+            i = i * mask[:, :, None, None].to(i.dtype)
         scan = dict(lower_bound=lower_bound, scale=self.config.scale)
-        if state is None:
+        if state is not None and self.config.direction != "causal":
+            raise ValueError("a non-causal layer sees the whole sequence at once; it has no recurrent state")
+        if self.config.direction == "2d":
+            o = _grid_scan(q, f, i, self.config.grid, scan)
+        elif self.config.direction == "bidirectional":
+            o = hgrn2_scan(q, f, i, **scan)[0] + hgrn2_scan(q, f, i, reverse=True, **scan)[0]
+        elif state is None:
             o, _ = hgrn2_scan(q, f, i, **scan)
-            if self.config.bidirectional:
-                o = o + hgrn2_scan(q, f, i, reverse=True, **scan)[0]
-        elif self.config.bidirectional:
-            raise ValueError("a bidirectional layer sees the whole sequence at once; it has no recurrent state")
         elif T == 1:
             o = hgrn2_step(q, f, i, state, **scan)
         else:
             o, final_state = hgrn2_scan(q, f, i, initial_state=state, output_final_state=True, **scan)
             state.copy_(final_state)
         return self.out_proj(self.out_norm(o.reshape(B, T, -1)))
+
+
+def _grid_scan(q: Tensor, f: Tensor, i: Tensor, grid: tuple[int, int], scan: dict) -> Tensor:
+    """Forward and reverse scans along the rows and along the columns of a row-major grid, summed."""
+    B, T, H, e = q.shape
+    rows, cols = grid
+    if rows * cols != T:
+        raise ValueError(f"grid {rows} x {cols} does not match the sequence length {T}")
+    along_rows = [x.reshape(B * rows, cols, H, -1) for x in (q, f, i)]
+    along_cols = [x.reshape(B, rows, cols, H, -1).transpose(1, 2).reshape(B * cols, rows, H, -1) for x in (q, f, i)]
+    o_rows = hgrn2_scan(*along_rows, **scan)[0] + hgrn2_scan(*along_rows, reverse=True, **scan)[0]
+    o_cols = hgrn2_scan(*along_cols, **scan)[0] + hgrn2_scan(*along_cols, reverse=True, **scan)[0]
+    o_cols = o_cols.reshape(B, cols, rows, H, -1).transpose(1, 2)
+    return o_rows.reshape(B, T, H, -1) + o_cols.reshape(B, T, H, -1)
 
 
 class GLU(nn.Module):
@@ -147,8 +197,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.dropout(self.mixer(self.mixer_norm(x), lower_bound, state)))
+    def forward(
+        self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.drop_path(self.dropout(self.mixer(self.mixer_norm(x), lower_bound, state, mask)))
         return x + self.drop_path(self.dropout(self.mlp(self.mlp_norm(x))))
 
 
@@ -174,10 +226,11 @@ class HGRN2(nn.Module):
         bounds = (p.cumsum(dim=0) - p).clamp(max=1 - 1e-6).unbind(0)
         return [None, *bounds[1:]]
 
-    def forward(self, x: Tensor, states: list[Tensor] | None = None) -> Tensor:
-        """x [B, T, d] -> [B, T, d]. Given `states` (one per layer, from `new_states`), they advance in place."""
+    def forward(self, x: Tensor, states: list[Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+        """x [B, T, d] -> [B, T, d]. Given `states` (one per layer, from `new_states`), they advance in place.
+        Given `mask` [B, T] (true on real tokens, padding after them), no padded step reaches a real one."""
         for layer, (block, bound) in enumerate(zip(self.blocks, self.lower_bounds())):
-            x = block(x, bound, None if states is None else states[layer])
+            x = block(x, bound, None if states is None else states[layer], mask)
         return self.final_norm(x)
 
     def new_states(self, batch_size: int, device: torch.device | str | None = None) -> list[Tensor]:

@@ -53,7 +53,7 @@ def hgrn2_scan(
     if backend == "triton":
         from kernels.triton_scan import triton_scan
 
-        o, state = triton_scan(q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse)
+        o, state = triton_scan(q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse, output_final_state)
     elif backend in ("chunked", "naive"):
         recurrence = chunked_recurrence if backend == "chunked" else naive_recurrence
         o, state = _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse)

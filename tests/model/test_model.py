@@ -36,11 +36,30 @@ def test_language_model_is_causal():
 
 def test_bidirectional_layers_see_the_future():
     torch.manual_seed(0)
-    backbone = HGRN2(HGRN2Config(**TINY, bidirectional=True)).eval()
+    backbone = HGRN2(HGRN2Config(**TINY, direction="bidirectional")).eval()
     x = torch.randn(1, 20, 32)
     changed = x.clone()
     changed[:, -1] += 1.0
     assert not torch.allclose(backbone(x)[:, 0], backbone(changed)[:, 0])
+
+
+def test_2d_scan_sums_four_directional_scans_over_the_grid():
+    """On a 3 x 4 grid, each direction equals a 1-D scan of the rows or the columns taken one by one."""
+    from hgrn2_lightning.model import _grid_scan
+    from kernels import hgrn2_scan
+
+    q, f, i = (torch.randn(2, 12, 2, 4, dtype=torch.float64) for _ in range(3))
+    out = _grid_scan(q, f, i, (3, 4), {"lower_bound": None, "scale": 1.0})
+    grid = lambda x: x.view(2, 3, 4, 2, 4)
+    expected = torch.zeros_like(grid(q))
+    both = lambda a, b, c: hgrn2_scan(a, b, c, scale=1.0)[0] + hgrn2_scan(a, b, c, scale=1.0, reverse=True)[0]
+    for r in range(3):
+        expected[:, r] += both(grid(q)[:, r], grid(f)[:, r], grid(i)[:, r])
+    for c in range(4):
+        expected[:, :, c] += both(grid(q)[:, :, c], grid(f)[:, :, c], grid(i)[:, :, c])
+    assert relative_error(out, expected.view(2, 12, 2, 4)) < 1e-12
+    with pytest.raises(ValueError, match="needs grid"):
+        HGRN2Config(**TINY, direction="2d")
 
 
 @pytest.mark.parametrize("prompt_length", [1, 5, 33])

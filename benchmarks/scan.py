@@ -1,0 +1,224 @@
+"""Speed of the HGRN2 scan beside fla's chunk_gla and causal attention (SDPA flash and cuDNN), one process.
+
+At the HGRN2-1.3B layer shape (H 16, K = V = 128, B * T = 32768 tokens, bf16) for T from 1K to 16K:
+forward (no grad) and forward + backward, median of `triton.testing.do_bench`, the same random inputs
+for every contender, peak extra memory of forward + backward, and the bandwidth our kernels reach
+as a fraction of the measured device-to-device copy bandwidth. A correctness check against the
+float64 reference runs first, so every time printed belongs to a kernel that is right.
+
+    python benchmarks/scan.py [--tokens 32768] [--out benchmarks/results]
+"""
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from kernels import hgrn2_scan
+
+H, D = 16, 128
+START = time.perf_counter()
+
+
+def median_ms(fn, grad_to_none=None) -> float:
+    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (median_ms(lambda: y.copy_(x)) * 1e-3)
+
+
+def peak_extra_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def correctness(T: int = 1000) -> dict:
+    """bf16 kernel vs the float64 loop at a moderate shape, outputs and all gradients."""
+    torch.manual_seed(0)
+    q, f, i = (torch.randn(2, T, 4, D, device="cuda").to(torch.bfloat16).double() for _ in range(3))
+    b = (torch.rand(4, D, device="cuda") * 0.9).double()
+    do = torch.randn(2, T, 4, D, device="cuda", dtype=torch.float64)
+    outs = {}
+    for backend, dtype in (("triton", torch.bfloat16), ("naive", torch.float64)):
+        xs = [x.to(dtype).requires_grad_() for x in (q, f, i)] + [b.to(torch.float32 if dtype != torch.float64 else dtype).requires_grad_()]
+        o, _ = hgrn2_scan(*xs, backend=backend)
+        grads = torch.autograd.grad((o.double() * do).sum(), xs)
+        outs[backend] = [o, *grads]
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    return {name: rel(a, b) for name, a, b in zip(["o", "dq", "df", "di", "dlower_bound"], outs["triton"], outs["naive"])}
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
+
+
+def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
+    torch.manual_seed(0)
+    q, f, i = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    b = (torch.rand(H, D, device="cuda") * 0.5 + 0.25)
+    do = torch.randn_like(i)
+    row = {"T": T, "B": B}
+
+    def ours_fwd():
+        with torch.no_grad():
+            return hgrn2_scan(q, f, i, b)[0]
+
+    def ours_train():
+        o, _ = hgrn2_scan(q, f, i, b)
+        o.backward(do)
+
+    row["ours_fwd_ms"] = median_ms(ours_fwd)
+    for x in (q, f, i):
+        x.requires_grad_(True)
+    row["ours_fwdbwd_ms"] = median_ms(ours_train, grad_to_none=[q, f, i])
+    row["ours_peak_extra_gib"] = peak_extra_bytes(ours_train) / 2**30
+    log(f"T {T}: ours done")
+
+    if fla_chunk_gla is not None:
+        # fla gets the resolved gate for free (computed outside the timing), as in the anchors.
+        with torch.no_grad():
+            g = torch.logaddexp(b.log(), torch.log1p(-b) + F.logsigmoid(f.float()))
+            k = (1 - g.exp()).to(torch.bfloat16)
+        g, k = g.requires_grad_(), k.requires_grad_()
+
+        def fla_fwd():
+            with torch.no_grad():
+                return fla_chunk_gla(q, k, i, g, scale=D**-0.5)[0]
+
+        def fla_train():
+            o, _ = fla_chunk_gla(q, k, i, g, scale=D**-0.5)
+            o.backward(do)
+
+        row["fla_fwd_ms"] = median_ms(fla_fwd)
+        row["fla_fwdbwd_ms"] = median_ms(fla_train, grad_to_none=[q, k, i, g])
+        row["fla_peak_extra_gib"] = peak_extra_bytes(fla_train) / 2**30
+        log(f"T {T}: fla done")
+
+    qa, ka, va = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, f, i))
+    doa = do.transpose(1, 2).contiguous()
+    for name, backend in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with torch.nn.attention.sdpa_kernel(backend):
+                def attn_fwd():
+                    with torch.no_grad():
+                        return F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+
+                def attn_train():
+                    F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa)
+
+                row[f"sdpa_{name}_fwd_ms"] = median_ms(attn_fwd)
+                row[f"sdpa_{name}_fwdbwd_ms"] = median_ms(attn_train, grad_to_none=[qa, ka, va])
+        except RuntimeError as error:  # a backend that does not support this shape or device
+            row[f"sdpa_{name}_error"] = str(error).splitlines()[0]
+    return row
+
+
+def traffic_bytes(T: int, B: int) -> dict:
+    """Bytes our kernels must move (each tensor read or written once; chunk states per 64 tokens)."""
+    n = B * T * H
+    token = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
+    states = n / 64 * D * D * 2  # bf16 chunk states (and their gradients)
+    forward_inference = n * 4 * token
+    forward_training = forward_inference + states
+    backward = n * 4 * token + 2 * states  # dh pass: q, f, do in; states out
+    backward += n * 7 * token + 2 * states  # grads pass: q, f, i, do, states, dstates in; dq, df, di out
+    return {"fwd": forward_inference, "fwdbwd": forward_training + backward}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes per shape)")
+    args = parser.parse_args()
+    try:
+        from fla.ops.gla import chunk_gla
+    except ImportError:
+        chunk_gla = None
+        print("fla is not installed: its columns stay empty (make wheels, then carry .wheels)")
+    chunk_gla = None if args.no_fla else chunk_gla
+
+    device = torch.cuda.get_device_name()
+    errors = correctness()
+    log(f"relative error vs float64 (bf16 inputs): { {k: f'{v:.1e}' for k, v in errors.items()} }")
+    bandwidth = copy_bandwidth()
+    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rows = []
+    for T in args.lengths:
+        row = bench_shape(T, args.tokens // T, chunk_gla)
+        traffic = traffic_bytes(T, args.tokens // T)
+        row["ours_fwd_bandwidth_fraction"] = traffic["fwd"] / (row["ours_fwd_ms"] * 1e-3) / bandwidth
+        row["ours_fwdbwd_bandwidth_fraction"] = traffic["fwdbwd"] / (row["ours_fwdbwd_ms"] * 1e-3) / bandwidth
+        rows.append(row)
+        log(str({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        write(args.out, device, chunk_gla, bandwidth, errors, rows, args.tokens)
+
+
+def write(out_dir: str, device: str, chunk_gla, bandwidth: float, errors: dict, rows: list, tokens: int) -> None:
+    """Results so far: a run cut short still leaves its finished rows."""
+    result = {
+        "device": device, "date": date.today().isoformat(), "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(),
+        "fla": _version("fla-core") if chunk_gla else None,
+        "shape": {"H": H, "K": D, "V": D, "tokens": tokens, "dtype": "bfloat16"},
+        "copy_bandwidth_tb_s": bandwidth / 1e12, "correctness_bf16": errors, "rows": rows,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = device.replace("NVIDIA ", "").split()[0].lower()
+    (out / f"scan-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / f"scan-{name}.md").write_text(table)
+    print(table)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Scan, H {H}, K = V = {D}, {result['shape']['tokens']} tokens, bf16; {result['device']}, "
+        f"torch {result['torch']}, triton {result['triton']}, fla {result['fla']}, {result['date']}. "
+        f"Milliseconds (median); ratio = fla / ours; bw = our bytes / time / copy bandwidth "
+        f"({result['copy_bandwidth_tb_s']:.2f} TB/s).",
+        "",
+        "| T | B | ours fwd | fla fwd | ratio | ours f+b | fla f+b | ratio | FA2 f+b | cuDNN f+b | bw fwd | bw f+b | peak GiB ours / fla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        get = lambda key: r.get(key, float("nan"))
+        lines.append(
+            f"| {r['T']} | {r['B']} | {get('ours_fwd_ms'):.3f} | {get('fla_fwd_ms'):.3f} | "
+            f"{get('fla_fwd_ms') / get('ours_fwd_ms'):.2f} | {get('ours_fwdbwd_ms'):.3f} | {get('fla_fwdbwd_ms'):.3f} | "
+            f"{get('fla_fwdbwd_ms') / get('ours_fwdbwd_ms'):.2f} | {get('sdpa_flash_fwdbwd_ms'):.3f} | "
+            f"{get('sdpa_cudnn_fwdbwd_ms'):.3f} | {get('ours_fwd_bandwidth_fraction'):.2f} | "
+            f"{get('ours_fwdbwd_bandwidth_fraction'):.2f} | {get('ours_peak_extra_gib'):.2f} / {get('fla_peak_extra_gib'):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,547 @@
+"""Triton kernels of the HGRN2 training scan (forward and backward), registered as torch custom ops.
+
+The gate is fused: the kernels read the forget logits f and the layer's lower bound b and form
+log(lambda) and k = (1 - b) sigmoid(-f) in registers; k is never stored. Time is cut into chunks of
+C tokens. Three kernels:
+
+  forward   one program per (sequence, head, V block) walks its chunks in order, the e x e state
+            in registers: o = scale (q exp(G)) S + (A masked) v with A = (q . k exp(G_t - G_s)),
+            then S <- exp(G_C) S + (k exp(G_C - G))^T v. It also stores the state at every chunk
+            start (and the final state) for the backward: K V / C values per token.
+  dh        one program per (sequence, head, K block, V block) walks the chunks backwards and stores
+            the gradient of the state at each chunk end: dS <- exp(G_C) dS + scale (q exp(G))^T do.
+  grads     one program per (chunk, head), all chunks in parallel: dq, dk, dv, the gate gradient
+            dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
+            sum_v S dS), and from it df and the lower bound's gradient, per chunk.
+
+Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
+chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
+leaves float range, which the kernel checks per chunk (|G - G_m| <= 40); a chunk with a wider gate
+range (gates near 0 without a lower bound) takes an exact elementwise path instead.
+"""
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+CHUNK = 32
+POISON_OUTPUTS = False
+"""Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
+ANCHOR_RANGE = tl.constexpr(40.0)
+"""Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
+
+
+@triton.jit
+def _log1p_small(x):
+    """log(1 + x) for x in [0, 1], accurate near 0 where log(1 + x) rounds to 0."""
+    return tl.where(x < 1e-4, x * (1 - 0.5 * x), tl.log(1 + x))
+
+
+@triton.jit
+def _gate(f, log_b, log_1mb, mask, HAS_BOUND: tl.constexpr):
+    """g = log(lambda) and k = 1 - lambda from fp32 logits f; also log sigmoid(+-f). Zero where masked."""
+    tail = _log1p_small(tl.exp(-tl.abs(f)))
+    log_sig = tl.minimum(f, 0.0) - tail
+    log_sig_neg = tl.minimum(-f, 0.0) - tail
+    if HAS_BOUND:
+        x = log_b[None, :] + tl.zeros_like(f)
+        y = log_1mb[None, :] + log_sig
+        hi = tl.maximum(x, y)
+        g = hi + _log1p_small(tl.exp(tl.minimum(x, y) - hi))
+        k = tl.exp(log_1mb[None, :] + log_sig_neg)
+    else:
+        g = log_sig
+        k = tl.exp(log_sig_neg)
+    return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), log_sig, log_sig_neg
+
+
+@triton.jit
+def _bound(lower_bound, i_h, offs_k, mask_k, K: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log(b) and log(1 - b) of the head's K channels (zeros when there is no bound)."""
+    if HAS_BOUND:
+        b = tl.load(lower_bound + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        return tl.log(b), tl.log(1 - b)
+    zero = tl.zeros([BK], dtype=tl.float32)
+    return zero, zero
+
+
+@triton.jit
+def _sequence(i_n, T, C: tl.constexpr, cu_seqlens, state_offsets, IS_VARLEN: tl.constexpr):
+    """First row, end row and the offset of its chunk states, for sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        state_off = tl.load(state_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        state_off = i_n.to(tl.int64) * (tl.cdiv(T, C) + 1)
+    return bos, eos, state_off
+
+
+@triton.jit
+def _rows(p, bos, eos, REVERSE: tl.constexpr):
+    """Memory rows of logical positions p: a reverse scan walks each sequence from its end."""
+    if REVERSE:
+        return eos - 1 - p
+    return bos + p
+
+
+@triton.jit
+def _row_of(x, offs_c, m):
+    """Row m of a [C, D] register tile, as a [D] vector."""
+    return tl.sum(tl.where((offs_c == m)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _anchor(G, offs_c, valid, C: tl.constexpr):
+    """The anchor row G_m and whether every |G - G_m| of the chunk is within the matmul path's range."""
+    G_mid = _row_of(G, offs_c, C // 2 - 1)
+    spread = tl.max(tl.max(tl.where(valid[:, None], tl.abs(G - G_mid[None, :]), 0.0), axis=1), axis=0)
+    return G_mid, spread <= ANCHOR_RANGE
+
+
+@triton.jit
+def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk), one key at a time: no exponent is ever positive."""
+    A = tl.zeros([C, C], dtype=tl.float32)
+    for s in range(C):
+        k_s = _row_of(k, offs_c, s)
+        G_s = _row_of(G, offs_c, s)
+        column = tl.sum(q * k_s[None, :] * tl.exp(tl.minimum(G - G_s[None, :], 0.0)), axis=1)
+        A = tl.where(offs_c[None, :] == s, column[:, None], A)
+    return A
+
+
+@triton.jit
+def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
+    """dq_t = sum_s dA[t, s] k_s exp(G_t - G_s) and dk_s = sum_t dA[t, s] q_t exp(G_t - G_s), elementwise."""
+    dq = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    for s in range(C):
+        k_s = _row_of(k, offs_c, s)
+        G_s = _row_of(G, offs_c, s)
+        decay = tl.exp(tl.minimum(G - G_s[None, :], 0.0))
+        dA_s = tl.sum(tl.where(offs_c[None, :] == s, dA, 0.0), axis=1)
+        dq += dA_s[:, None] * k_s[None, :] * decay
+        dk_s = tl.sum(dA_s[:, None] * q * decay, axis=0)
+        dk = tl.where((offs_c == s)[:, None], dk_s[None, :], dk)
+    return dq, dk
+
+
+@triton.jit
+def _fwd_kernel(
+    q, f, v, lower_bound, h0, o, states, final_state, cu_seqlens, state_offsets,
+    stride_q, stride_f, stride_v, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, ANCHORED_DT: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    DT = q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_tile = offs_k[:, None] * V + offs_v[None, :]
+    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    causal = offs_c[:, None] >= offs_c[None, :]
+
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(length, C)
+    for i_t in range(0, n_chunks):
+        if SAVE_STATES:
+            tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
+                     mask=mask_kv)
+        p = i_t * C + offs_c
+        valid = p < length
+        rows = _rows(p, bos, eos, REVERSE)
+        mask_ck = valid[:, None] & mask_k[None, :]
+        mask_cv = valid[:, None] & mask_v[None, :]
+        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        g, k, _, _ = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
+        G = tl.cumsum(g, axis=0)
+        G_last = _row_of(G, offs_c, C - 1)
+        G_mid, anchored = _anchor(G, offs_c, valid, C)
+        # Registers are the limit here: keep k and q in the input dtype and G alone in float32.
+        k_end = (k * tl.exp(G_last[None, :] - G)).to(DT)
+        k = k.to(DT)
+        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(DT)
+        q_inter = (q_t.to(tl.float32) * tl.exp(G)).to(DT)
+        if anchored:
+            q_mid = (q_t.to(tl.float32) * tl.exp(G - G_mid[None, :])).to(ANCHORED_DT)
+            k_mid = (k.to(tl.float32) * tl.exp(G_mid[None, :] - G)).to(ANCHORED_DT)
+            A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
+        else:
+            A = _scores_exact(q_t.to(tl.float32), k.to(tl.float32), G, offs_c, C, BK)
+        A = tl.where(causal, A, 0.0).to(DT)
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, S.to(DT), input_precision=PRECISION)
+        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], (out * scale).to(o.dtype.element_ty),
+                 mask=mask_cv)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t, input_precision=PRECISION)
+    if SAVE_STATES:
+        tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile,
+                 S.to(states.dtype.element_ty), mask=mask_kv)
+    if OUTPUT_FINAL:
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    q, f, do, lower_bound, d_final, dstates, dh0, cu_seqlens, state_offsets,
+    stride_q, stride_f, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
+    DT = q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_tile = offs_k[:, None] * V + offs_v[None, :]
+    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DFINAL:
+        dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(length, C)
+    for j in range(0, n_chunks):
+        i_t = n_chunks - 1 - j
+        tl.store(dstates + ((chunk_off + i_t) * H + i_h) * K * V + state_tile, dS.to(dstates.dtype.element_ty),
+                 mask=mask_kv)
+        p = i_t * C + offs_c
+        valid = p < length
+        rows = _rows(p, bos, eos, REVERSE)
+        mask_ck = valid[:, None] & mask_k[None, :]
+        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        g, _, _, _ = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
+        G = tl.cumsum(g, axis=0)
+        G_last = _row_of(G, offs_c, C - 1)
+        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
+                       mask=valid[:, None] & mask_v[None, :], other=0.0)
+        q_inter = (q_t.to(tl.float32) * tl.exp(G) * scale).to(DT)
+        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(DT), input_precision=PRECISION)
+    if WRITE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
+
+
+@triton.jit
+def _bwd_kernel(
+    q, f, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
+    stride_q, stride_f, stride_v, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    ANCHORED_DT: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_table + 2 * i_c)
+        i_t = tl.load(chunk_table + 2 * i_c + 1)
+        if i_n < 0:
+            return
+    else:
+        n_chunks_per_sequence = tl.cdiv(T, C)
+        i_n = i_c // n_chunks_per_sequence
+        i_t = i_c % n_chunks_per_sequence
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    chunk = state_off - i_n + i_t
+    DT = q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    p = i_t * C + offs_c
+    valid = p < length
+    rows = _rows(p, bos, eos, REVERSE)
+    mask_ck = valid[:, None] & mask_k[None, :]
+    causal = offs_c[:, None] >= offs_c[None, :]
+    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+
+    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+    g, k, log_sig, log_sig_neg = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
+    G = tl.cumsum(g, axis=0)
+    G_last = _row_of(G, offs_c, C - 1)
+    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+    q_t = q_t.to(tl.float32)
+    G_mid, anchored = _anchor(G, offs_c, valid, C)
+    if anchored:
+        q_mid = (q_t * tl.exp(G - G_mid[None, :])).to(ANCHORED_DT)
+        k_mid = (k * tl.exp(G_mid[None, :] - G)).to(ANCHORED_DT)
+        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
+    else:
+        q_mid = q_t.to(ANCHORED_DT)
+        k_mid = k.to(ANCHORED_DT)
+        A = _scores_exact(q_t, k, G, offs_c, C, BK)
+    A = tl.where(causal, A * scale, 0.0).to(DT)
+    k_end = (k * tl.exp(G_last[None, :] - G)).to(DT)
+
+    dq_inter = tl.zeros([C, BK], dtype=tl.float32)
+    dk_state = tl.zeros([C, BK], dtype=tl.float32)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dh_dot_h = tl.zeros([BK], dtype=tl.float32)
+    state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
+    dstate_at_end = dstates + (chunk * H + i_h) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        mask_cv = valid[:, None] & mask_v[None, :]
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        state_tile = offs_k[:, None] * V + offs_v[None, :]
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(DT)
+        dh_end = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0).to(DT)
+        dA += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
+        dq_inter += tl.dot(do_t, tl.trans(h_start), input_precision=PRECISION)
+        dk_state += tl.dot(v_t, tl.trans(dh_end), input_precision=PRECISION)
+        dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(k_end, dh_end, input_precision=PRECISION)
+        tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
+        dh_dot_h += tl.sum(h_start.to(tl.float32) * dh_end.to(tl.float32), axis=1)
+
+    # The diagonal pairs (t, t) of the intra-chunk scores carry no decay, so their gate gradients cancel
+    # exactly: they are kept out of the dq, dk used for dG (otherwise dG would be a difference of O(1)
+    # terms, all rounding, when the gates are near 0) and added to the stored dq, dk afterwards.
+    eye = offs_c[:, None] == offs_c[None, :]
+    dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1) * scale
+    dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
+    dq_t = dq_inter * tl.exp(G) * scale
+    dk_state = dk_state * tl.exp(G_last[None, :] - G)
+    if anchored:
+        dq_t += tl.exp(G - G_mid[None, :]) * tl.dot(dA.to(ANCHORED_DT), k_mid, input_precision=PRECISION)
+        dk_intra = tl.exp(G_mid[None, :] - G) * tl.dot(tl.trans(dA.to(ANCHORED_DT)), q_mid,
+                                                        input_precision=PRECISION)
+    else:
+        dq_intra, dk_intra = _intra_grads_exact(q_t, k, G, dA, offs_c, C, BK)
+        dq_t += dq_intra
+    tl.store(dq + (rows[:, None] * H + i_h) * K + offs_k[None, :], (dq_t + dA_diag[:, None] * k).to(dq.dtype.element_ty),
+             mask=mask_ck)
+    dk_t = dk_intra + dk_state + dA_diag[:, None] * q_t
+
+    # Gate: dg_j = sum over (query, key) pairs whose decay spans step j. Within the chunk that is the
+    # reverse cumulative sum of q dq - k dk; the chunk end acts as one more query (the state S_C), whose
+    # key-side pairs are the earlier rows. Its pair with the last row carries no decay: left out too.
+    last_row = tl.minimum(length - i_t * C, C) - 1
+    k_dk_state = tl.where(mask_ck & (offs_c < last_row)[:, None], k * dk_state, 0.0)
+    state_term = tl.exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
+    dG = tl.where(mask_ck, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
+    dg = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + state_term[None, :]
+    # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): chain rule through f and b.
+    slope = tl.exp(log_1mb[None, :] + log_sig + log_sig_neg)
+    df_t = dg * tl.exp(log_1mb[None, :] + log_sig + log_sig_neg - g) - dk_t * slope
+    tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
+    if HAS_BOUND:
+        db_t = dg * tl.exp(log_sig_neg - g) - dk_t * tl.exp(log_sig_neg)
+        tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
+
+
+def _block(n: int) -> int:
+    """Tile width for a head dim: a power of two, at least 16 (the matmul minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _launch(BK: int) -> dict:
+    """Eight warps for wide heads (with four, the [C, K] tiles of K = 128 spill registers, ptxas -v);
+    no software pipelining at K = 256, whose staged tiles would exceed the 227 KB of shared memory."""
+    return {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
+
+
+def _row_stride(x: Tensor) -> Tensor:
+    """x itself if its [B, T] rows are evenly strided with dense heads (views of a fused projection are);
+    otherwise a contiguous copy."""
+    B, T, H, D = x.shape
+    if x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1):
+        return x
+    return x.contiguous()
+
+
+class _Layout:
+    """Where each sequence's chunks and chunk states live: arithmetic for equal lengths, tables for packed."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
+        self.is_varlen = cu_seqlens is not None
+        if not self.is_varlen:
+            self.n_sequences = B
+            n_chunks = triton.cdiv(T, CHUNK)
+            self.n_states, self.n_chunks = B * (n_chunks + 1), B * n_chunks
+            self.cu_seqlens = self.state_offsets = self.chunk_table = torch.empty(0, dtype=torch.int32, device=device)
+            return
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        N = cu_seqlens.numel() - 1
+        self.n_sequences = N
+        # Upper bounds known from shapes alone, so nothing waits on the GPU: sum ceil(L / C) <= T / C + N.
+        self.n_chunks = T // CHUNK + N
+        self.n_states = self.n_chunks + N
+        chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + CHUNK - 1) // CHUNK
+        chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.state_offsets = (chunk_offsets + torch.arange(N + 1, device=device)).to(torch.int32)
+        index = torch.arange(self.n_chunks, device=device, dtype=torch.int32)
+        sequence = torch.searchsorted(chunk_offsets[1:].to(torch.int32), index, right=True)
+        position = index - chunk_offsets[sequence.clamp(max=N - 1)]
+        sequence = torch.where(sequence < N, sequence, -1)
+        self.chunk_table = torch.stack([sequence, position], 1).to(torch.int32).contiguous()
+        self.cu_seqlens = cu_seqlens
+
+
+def _empty(*shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _anchored_dtype(x: Tensor):
+    """Operands of the forward's anchored intra-chunk matmul: their factors reach exp(40), beyond float16's
+    range, so float16 inputs take it in float32 (tf32), bfloat16 and float32 in their own type. The
+    backward always uses float32 (tf32) there: the gate gradient q dq - k dk cancels the pairs that do
+    not span a step, and bfloat16 rounding of dq and dk would leave that cancellation noisy."""
+    return {torch.float16: tl.float32, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x.dtype]
+
+
+@torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
+def scan_fwd(
+    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], scale: float, reverse: bool, save_states: bool, output_final_state: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns o [B, T, H, V], the final state [N, H, K, V] (float32) and the chunk states for the backward."""
+    q, f, v = (_row_stride(x) for x in (q, f, v))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    layout = _Layout(B, T, cu_seqlens, q.device)
+    N = layout.n_sequences
+    o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
+    states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=q.dtype, device=q.device)
+    BK, BV = _block(K), min(64, _block(V))
+    dummy = q.new_empty(0)
+    with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+        _fwd_kernel[(triton.cdiv(V, BV), N * H)](
+            q, f, v, dummy if lower_bound is None else lower_bound.float().contiguous(),
+            dummy if initial_state is None else initial_state.float().contiguous(), o, states, final,
+            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T,
+            H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, HAS_BOUND=lower_bound is not None,
+            HAS_H0=initial_state is not None, SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state,
+            IS_VARLEN=layout.is_varlen, REVERSE=reverse, PRECISION=_precision(q), ANCHORED_DT=_anchored_dtype(q),
+            **_launch(BK),
+        )
+    return o, final, states
+
+
+@scan_fwd.register_fake
+def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state):
+    B, T, H, K = q.shape
+    layout_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    V = v.shape[-1]
+    return (
+        q.new_empty(B, T, H, V),
+        q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
+        q.new_empty(layout_states if save_states else 0, H, K, V),
+    )
+
+
+@torch.library.custom_op("hgrn2::scan_bwd", mutates_args=())
+def scan_bwd(
+    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], states: Tensor, do: Tensor,
+    d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool, want_dh0: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns dq, df, dv, d lower_bound ([H, K], empty without a bound) and d initial_state (or empty)."""
+    q, f, v = (_row_stride(x) for x in (q, f, v))
+    do = do.contiguous()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    layout = _Layout(B, T, cu_seqlens, q.device)
+    N = layout.n_sequences
+    BK, BV = _block(K), min(64, _block(V))
+    dstates = _empty(layout.n_chunks, H, K, V, dtype=q.dtype, device=q.device)
+    dh0 = _empty(N if want_dh0 else 0, H, K, V, dtype=torch.float32, device=q.device)
+    dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
+    df = _empty(B, T, H, K, dtype=f.dtype, device=q.device)
+    dv = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    db_chunks = torch.zeros(layout.n_chunks if lower_bound is not None else 0, H, K, dtype=torch.float32,
+                            device=q.device)
+    dummy = q.new_empty(0)
+    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
+    common = dict(H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
+                  REVERSE=reverse, PRECISION=_precision(q))
+    with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+        BK_dh = min(64, BK)
+        _bwd_dh_kernel[(triton.cdiv(K, BK_dh), triton.cdiv(V, BV), N * H)](
+            q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
+            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
+            BK=BK_dh, BV=BV, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, num_warps=4, **common,
+        )
+        grid = (layout.n_chunks if layout.is_varlen else N * triton.cdiv(T, CHUNK), H)
+        _bwd_kernel[grid](
+            q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
+            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV, **_launch(BK),
+            ANCHORED_DT=tl.float32, **common,
+        )
+    db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
+    return dq, df, dv, db, dh0
+
+
+@scan_bwd.register_fake
+def _(q, f, v, lower_bound, states, do, d_final, cu_seqlens, scale, reverse, want_dh0):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    V = v.shape[-1]
+    return (
+        q.new_empty(q.shape), f.new_empty(f.shape), v.new_empty(v.shape),
+        q.new_empty((H, K) if lower_bound is not None else (0,), dtype=torch.float32),
+        q.new_empty(N if want_dh0 else 0, H, K, V, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state = inputs
+    ctx.save_for_backward(q, f, v, lower_bound, output[2], cu_seqlens)
+    ctx.scale, ctx.reverse = scale, reverse
+    ctx.has_initial_state = initial_state is not None
+    ctx.output_final_state = output_final_state
+
+
+def _backward(ctx, do, d_final, d_states):
+    q, f, v, lower_bound, states, cu_seqlens = ctx.saved_tensors
+    d_final = d_final if ctx.output_final_state else None
+    dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, states, do, d_final, cu_seqlens, ctx.scale, ctx.reverse,
+                                   ctx.has_initial_state)
+    return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
+            dh0 if ctx.has_initial_state else None, None, None, None, None, None)
+
+
+scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_scan(
+    q: Tensor, f: Tensor, i: Tensor, lower_bound: Tensor | None, scale: float, initial_state: Tensor | None,
+    cu_seqlens: Tensor | None, reverse: bool, output_final_state: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The scan through the custom op (torch.compile sees one opaque node); states kept only for autograd."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
+    )
+    o, final, _ = scan_fwd(q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse, needs_grad,
+                           output_final_state)
+    return o, (final if output_final_state else None)

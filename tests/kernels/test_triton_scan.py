@@ -1,0 +1,142 @@
+"""The Triton scan against the float64 oracle: on the CPU through Triton's interpreter (small shapes,
+in `make test`), and on a GPU the full matrix (`make test-gpu`), with fla's chunk_gla as a second opinion."""
+
+import pytest
+import torch
+
+import kernels.triton_scan as triton_scan
+from kernels import hgrn2_scan
+from tests.helpers import relative_error
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(triton_scan, "POISON_OUTPUTS", True)
+
+
+def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_shift=0.0, gate_scale=1.0,
+                        bounded=True, initial_state=True, reverse=False, lengths=None, transpose_inputs=False):
+    """Relative errors of o, the final state and every gradient, Triton against the float64 loop."""
+    V = V or K
+    N = len(lengths) if lengths else B
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE) if lengths else None
+    # Fresh random inputs each call: the kernel must be right on any input, not on one draw.
+    q, f = (torch.randn(B, T, H, K, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    f = f * gate_scale + gate_shift
+    i = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
+    b = torch.rand(H, K, dtype=torch.float64, device=DEVICE) * 0.95
+    h0 = torch.randn(N, H, K, V, dtype=torch.float64, device=DEVICE)
+    do = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
+    d_final = torch.randn(N, H, K, V, dtype=torch.float64, device=DEVICE)
+    # Both sides see the same values: the inputs rounded to the tested dtype (the state and bound in float32),
+    # so the errors measured are the kernel's, not the rounding of its inputs.
+    q, f, i = (x.to(dtype).double() for x in (q, f, i))
+    b, h0 = b.float().double(), h0.float().double()
+    results = []
+    # The oracle is the per-step loop; the chunked form (equal to it in float64, tests/kernels/test_reference.py)
+    # stands in for long sequences, where the loop's autograd graph would take minutes.
+    oracle = "naive" if T <= 256 else "chunked"
+    for backend, dt, state_dt in (("triton", dtype, torch.float32), (oracle, torch.float64, torch.float64)):
+        inputs = [x.to(dt).requires_grad_() for x in (q, f, i)] + [x.to(state_dt).requires_grad_() for x in (b, h0)]
+        qq, ff, ii = inputs[:3]
+        if transpose_inputs:  # non-contiguous views, as slices of a wider projection would be
+            qq, ff, ii = (torch.cat([x, x], -1)[..., : x.shape[-1]] for x in (qq, ff, ii))
+        o, state = hgrn2_scan(qq, ff, ii, inputs[3] if bounded else None, scale=K**-0.5,
+                              initial_state=inputs[4] if initial_state else None, output_final_state=True,
+                              cu_seqlens=cu_seqlens, reverse=reverse, backend=backend)
+        loss = (o.double() * do).sum() + (state.double() * d_final).sum()
+        used = [x for n, x in enumerate(inputs) if (n != 3 or bounded) and (n != 4 or initial_state)]
+        results.append([o, state, *torch.autograd.grad(loss, used)])
+    names = ["o", "final_state", "dq", "df", "di"] + (["dlower_bound"] if bounded else []) + (["dh0"] if initial_state else [])
+    return {name: relative_error(a, b) for name, a, b in zip(names, *results)}
+
+
+def assert_close_to_oracle(errors, dtype):
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOLERANCE[dtype], f"{worst}: relative error {errors[worst]:.2e} ({errors})"
+
+
+# ---- CPU, through the interpreter (small shapes: CI) ------------------------------------------------------
+
+INTERPRETER_CASES = {
+    "one step": dict(T=1),
+    "T 63": dict(T=63, B=1),
+    "T 65 reverse": dict(T=65, reverse=True),
+    "two chunks, no initial state": dict(T=130, H=1, initial_state=False),
+    "gates near 0, no bound": dict(T=100, H=1, gate_shift=-20.0, bounded=False),
+    "gates near 1": dict(T=80, H=1, gate_shift=6.0),
+    "wide gate range": dict(T=70, H=1, gate_scale=8.0),
+    "packed sequences": dict(B=1, T=200, H=1, lengths=[5, 1, 64, 65, 65]),
+    "packed sequences reverse": dict(B=1, T=140, H=1, lengths=[70, 3, 67], reverse=True),
+    "head dim 1": dict(T=70, H=3, K=1),
+    "head dim 4, value dim 8": dict(T=70, K=4, V=8),
+    "non-contiguous inputs": dict(T=40, transpose_inputs=True),
+}
+
+
+@pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=list(INTERPRETER_CASES))
+def test_interpreted_kernels_match_the_oracle(case):
+    assert_close_to_oracle(compare_with_oracle(**INTERPRETER_CASES[case]), torch.float32)
+
+
+@pytest.mark.skipif(GPU, reason="covered on the GPU")
+def test_interpreted_kernels_in_float16():
+    assert_close_to_oracle(compare_with_oracle(T=70, dtype=torch.float16), torch.float16)
+
+
+def test_custom_op_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) fails on any graph break; the scan is one opaque custom op."""
+    def step(q, f, i, b):
+        o, _ = hgrn2_scan(q, f, i, b, backend="triton")
+        return o.float().square().mean()
+
+    q, f, i = (torch.randn(1, 20, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    b = torch.rand(2, 16, device=DEVICE) * 0.9
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, f, i, b)
+    loss.backward()
+    assert torch.allclose(loss, step(q, f, i, b)) and torch.isfinite(q.grad).all()
+
+
+# ---- GPU: the full matrix ------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    "T 1": dict(T=1), "T 63": dict(T=63), "T 64": dict(T=64), "T 65": dict(T=65), "T 1000": dict(T=1000),
+    "T 16384": dict(B=1, T=16384, H=2, K=64),
+    "B*H 1": dict(B=1, H=1, T=300), "B*H 256": dict(B=16, H=16, T=200, K=64),
+    "head dim 128": dict(T=300, K=128), "head dim 256": dict(T=200, K=256, H=1),
+    "head dims 1, 2, 4, 8": dict(T=500, K=4, H=4),
+    "gates near 0": dict(T=500, gate_shift=-20.0, bounded=False),
+    "gates near 1": dict(T=500, gate_shift=8.0),
+    "no initial state": dict(T=500, initial_state=False),
+    "reverse": dict(T=777, reverse=True),
+    "packed, short and long": dict(B=1, T=3000, lengths=[1, 2, 63, 64, 65, 2805]),
+    "packed reverse": dict(B=1, T=1000, lengths=[500, 1, 499], reverse=True),
+    "non-contiguous": dict(T=300, transpose_inputs=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=list(GPU_CASES))
+def test_gpu_kernels_match_the_oracle(case, dtype):
+    assert_close_to_oracle(compare_with_oracle(**GPU_CASES[case], dtype=dtype), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_kernels_agree_with_fla():
+    fla_gla = pytest.importorskip("fla.ops.gla")
+    B, T, H, K = 2, 1000, 4, 128
+    q, f, i = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    b = torch.rand(H, K, device="cuda") * 0.9
+    ours, _ = hgrn2_scan(q, f, i, b)
+    log_lambda = torch.logaddexp(b.log(), torch.log1p(-b) + torch.nn.functional.logsigmoid(f.float()))
+    theirs, _ = fla_gla.chunk_gla(q, (1 - log_lambda.exp()).to(q.dtype), i, log_lambda, scale=K**-0.5)
+    assert relative_error(ours, theirs) < 1e-2
