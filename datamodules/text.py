@@ -16,12 +16,11 @@ import math
 import sysconfig
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.sampling import resumable_loader
+from datamodules.sampling import ShardedDataModule, resumable_loader
 from datamodules.tokenizers import ByteTokenizer, load_tokenizer
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -44,7 +43,7 @@ class TokenBlocks(Dataset):
         return block[:-1], block[1:]
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ShardedDataModule):
     """Next-token batches [batch_size, seq_len] from the embedded corpus, text files or token files."""
 
     def __init__(
@@ -86,6 +85,9 @@ class TextDataModule(L.LightningDataModule):
             )
         self.tokenizer = load_tokenizer(spec)
         self.tokenizer_spec = spec
+        # Record the resolved spec: the model stores the same (linked by the CLI), and Lightning refuses to
+        # log two different values of one name.
+        self.save_hyperparameters({**self.hparams, "tokenizer": spec})
         self.vocab_size = self.tokenizer.vocab_size
         self.splits: dict[str, np.ndarray] = {}
 
@@ -134,6 +136,10 @@ class TextDataModule(L.LightningDataModule):
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log2(p)).sum())
 
+    @property
+    def predict_split(self) -> str:
+        return "test" if "test" in self.splits else "val"
+
     def _loader(self, split: str, train: bool):
         if split not in self.splits:
             raise FileNotFoundError(f"no {split} split: add {split}.bin to {self.token_folder}")
@@ -145,21 +151,8 @@ class TextDataModule(L.LightningDataModule):
             trainer=self.trainer,
             train=train,
             num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self):
-        return self._loader("train", train=True)
-
-    def val_dataloader(self):
-        return self._loader("val", train=False)
-
-    def test_dataloader(self):
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self):
-        return self._loader("test" if "test" in self.splits else "val", train=False)
 
 
 def stdlib_files() -> list[Path]:

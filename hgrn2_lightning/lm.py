@@ -1,16 +1,15 @@
 """The causal language model: token embedding, the HGRN2 backbone, an output head; and its LightningModule."""
 
 import math
-import time
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hgrn2_lightning.checkpoint import load_rng_states, save_rng_states
 from hgrn2_lightning.model import HGRN2, HGRN2Config, init_weights
 from hgrn2_lightning.optim import OptimConfig, configure_adamw
+from hgrn2_lightning.task import TaskModule
+from hgrn2_lightning.throughput import matmul_training_flops
 
 
 class CausalLM(nn.Module):
@@ -33,8 +32,11 @@ class CausalLM(nn.Module):
         return self.backbone.new_states(batch_size, device)
 
 
-class LanguageModel(L.LightningModule):
-    """Trains `CausalLM` on next-token prediction; logs loss, bits per token and byte, lr and tokens/s."""
+class LanguageModel(TaskModule):
+    """Trains `CausalLM` on next-token prediction; logs loss, bits per token and byte, lr (tokens/s and
+    MFU come from the CLI's ThroughputMonitor)."""
+
+    throughput_unit = "tokens"
 
     def __init__(
         self,
@@ -61,10 +63,14 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters()
         self.optim = optim
         self.model = CausalLM(backbone, vocab_size, tie_embeddings)
-        self._last_step_end: float | None = None
 
     def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
         return self.model(tokens, states)
+
+    @property
+    def flops_per_item(self) -> int:
+        """Training FLOPs per token, for the model FLOP utilisation."""
+        return matmul_training_flops(self.model) + self.model.backbone.scan_flops_per_token()
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch
@@ -73,28 +79,11 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {self.global_step}: lower model.optim.lr, "
-                f"set trainer.gradient_clip_val (e.g. 1.0), or train in bf16-mixed or fp32 rather than fp16; "
-                f"resume from the last good checkpoint with --ckpt_path"
-            )
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bits_per_token", loss / math.log(2))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Between two step ends lies one whole step (data, forward, backward, optimizer), synchronised
-        # by the loss check; a host timer around the forward alone would time only the kernel launches.
-        now = time.perf_counter()
-        if self._last_step_end is not None:
-            tokens = batch[0].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / (now - self._last_step_end))
-        self._last_step_end = now
-
-    def on_validation_start(self) -> None:
-        self._last_step_end = None
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._log_eval("val", batch)
@@ -123,12 +112,6 @@ class LanguageModel(L.LightningModule):
             entropy = getattr(datamodule, "unigram_entropy", lambda: None)()
             beside = f" (unigram entropy of the validation bytes: {entropy:.2f})" if entropy else ""
             print(f"\nvalidation bits per byte: {metrics['val/bits_per_byte']:.3f}{beside}")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_rng_states(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_rng_states(checkpoint)
 
     def configure_optimizers(self):
         return configure_adamw(self, self.optim, self.trainer.estimated_stepping_batches)

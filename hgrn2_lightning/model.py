@@ -113,12 +113,18 @@ class HGRU2(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=False)
 
     def forward(
-        self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        lower_bound: Tensor | None,
+        state: Tensor | None = None,
+        mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, d] -> [B, T, d]. A given `state` [B, H, e, e] (float32) is advanced in place.
 
         `mask` [B, T] (true on real tokens) zeroes the input at padded steps: the state then stays zero
         through trailing padding, so a reverse scan starts at each sequence's true end.
+        `cu_seqlens` [N + 1]: x [1, T, d] holds N sequences packed end to end (then `state` is [N, H, e, e]).
         """
         B, T, _ = x.shape
         H, e = self.config.n_heads, self.config.expand_ratio
@@ -126,17 +132,19 @@ class HGRU2(nn.Module):
         q = F.silu(q)
         if mask is not None:
             i = i * mask[:, :, None, None].to(i.dtype)
-        scan = dict(lower_bound=lower_bound, scale=self.config.scale)
+        scan = dict(lower_bound=lower_bound, scale=self.config.scale, cu_seqlens=cu_seqlens)
         if state is not None and self.config.direction != "causal":
             raise ValueError("a non-causal layer sees the whole sequence at once; it has no recurrent state")
         if self.config.direction == "2d":
+            if cu_seqlens is not None:
+                raise ValueError('packed sequences (cu_seqlens) have no grid: direction "2d" takes [B, rows * cols]')
             o = _grid_scan(q, f, i, self.config.grid, scan)
         elif self.config.direction == "bidirectional":
             o = hgrn2_scan(q, f, i, **scan)[0] + hgrn2_scan(q, f, i, reverse=True, **scan)[0]
         elif state is None:
             o, _ = hgrn2_scan(q, f, i, **scan)
-        elif T == 1:
-            o = hgrn2_step(q, f, i, state, **scan)
+        elif T == 1 and cu_seqlens is None:
+            o = hgrn2_step(q, f, i, state, lower_bound, scale=self.config.scale)
         else:
             o, final_state = hgrn2_scan(q, f, i, initial_state=state, output_final_state=True, **scan)
             state.copy_(final_state)
@@ -198,9 +206,14 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(
-        self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        lower_bound: Tensor | None,
+        state: Tensor | None = None,
+        mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.drop_path(self.dropout(self.mixer(self.mixer_norm(x), lower_bound, state, mask)))
+        x = x + self.drop_path(self.dropout(self.mixer(self.mixer_norm(x), lower_bound, state, mask, cu_seqlens)))
         return x + self.drop_path(self.dropout(self.mlp(self.mlp_norm(x))))
 
 
@@ -226,12 +239,26 @@ class HGRN2(nn.Module):
         bounds = (p.cumsum(dim=0) - p).clamp(max=1 - 1e-6).unbind(0)
         return [None, *bounds[1:]]
 
-    def forward(self, x: Tensor, states: list[Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        states: list[Tensor] | None = None,
+        mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
         """x [B, T, d] -> [B, T, d]. Given `states` (one per layer, from `new_states`), they advance in place.
-        Given `mask` [B, T] (true on real tokens, padding after them), no padded step reaches a real one."""
+        Given `mask` [B, T] (true on real tokens, padding after them), no padded step reaches a real one.
+        Given `cu_seqlens` [N + 1], x [1, T, d] is N sequences packed end to end, each scanned on its own
+        (with `states` of N rows): prompts of different lengths run together with no padding at all."""
         for layer, (block, bound) in enumerate(zip(self.blocks, self.lower_bounds())):
-            x = block(x, bound, None if states is None else states[layer], mask)
+            x = block(x, bound, None if states is None else states[layer], mask, cu_seqlens)
         return self.final_norm(x)
+
+    def scan_flops_per_token(self) -> int:
+        """Training FLOPs of the scans per token (forward and backward: 3x the forward's 4 d e of the state
+        update and readout), per scan direction; the projections are counted with the Linear layers."""
+        directions = {"causal": 1, "bidirectional": 2, "2d": 4}[self.config.direction]
+        return 12 * self.config.d_model * self.config.expand_ratio * self.config.n_layers * directions
 
     def new_states(self, batch_size: int, device: torch.device | str | None = None) -> list[Tensor]:
         """Zero recurrent states, float32 [B, H, e, e] per layer, for token-by-token decoding."""

@@ -79,6 +79,8 @@ def test_prepare_text_round_trip_with_a_tokenizer_json(tmp_path, corpus, word_to
     data.setup("fit")
     assert data.vocab_size == tokenizer.vocab_size
     assert data.bytes_per_token == pytest.approx(meta["val_bytes_per_token"])
+    # The spec the model is given must equal the data's logged hparam, or Lightning refuses to log them.
+    assert data.hparams.tokenizer == data.tokenizer_spec == str(word_tokenizer)
     with pytest.raises(ValueError, match="was tokenized with"):
         TextDataModule(source=str(out), tokenizer="bytes")
 
@@ -143,10 +145,29 @@ def test_resumable_loader_continues_mid_epoch():
     iterator = iter(first)
     seen = [next(iterator).tolist() for _ in range(3)]
     state = first.state_dict()
-    assert state == {"epoch": 2, "batches_served": 3}
+    assert state == {"epoch": 2, "samples_seen": 12}
     resumed = resumable_loader(dataset, batch_size=4, shuffle=True, seed=3)
     assert isinstance(resumed, ResumableLoader)
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(2)
     assert seen + [b.tolist() for b in resumed] == expected
     assert resumed.served == len(expected)
+
+
+def test_resuming_on_another_number_of_devices_continues_the_global_stream():
+    """Two ranks of 4 per batch, stopped after 3 steps, resume on one rank of 8: the next batch is the
+    next 8 samples of the epoch's order, with nothing skipped twice or seen twice."""
+
+    class Trainer:
+        def __init__(self, rank, world_size):
+            self.global_rank, self.world_size = rank, world_size
+
+    dataset = torch.arange(64)
+    order = resumable_loader(dataset, batch_size=64, shuffle=True, seed=5).sampler.indices()
+    ranks = [resumable_loader(dataset, batch_size=4, shuffle=True, seed=5, trainer=Trainer(r, 2)) for r in range(2)]
+    streams = [iter(loader) for loader in ranks]
+    seen = {i for _ in range(3) for stream in streams for i in next(stream).tolist()}
+    assert seen == set(order[:24])
+    resumed = resumable_loader(dataset, batch_size=8, shuffle=True, seed=5, trainer=Trainer(0, 1))
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert next(iter(resumed)).tolist() == order[24:32]
