@@ -63,17 +63,37 @@ def hgrn2_scan(
 
 
 def hgrn2_step(
-    q: Tensor, f: Tensor, i: Tensor, state: Tensor, lower_bound: Tensor | None = None, *, scale: float | None = None
+    q: Tensor,
+    f: Tensor,
+    i: Tensor,
+    state: Tensor,
+    lower_bound: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: Literal["auto", "triton", "naive"] = "auto",
 ) -> Tensor:
     """A few decode steps: advances `state` [B, H, K, V] (float32) in place and returns o [B, T, H, V].
 
-    q, f and i are [B, T, H, K|V] with a short T (1 when decoding one token at a time).
+    q, f and i are [B, T, H, K|V] with a short T (1 when decoding one token at a time). "auto" runs the
+    fused Triton step on CUDA (one launch for all heads) and the per-step reference loop elsewhere.
     """
     if state.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the decode state must be float32 (or float64), got {state.dtype}")
-    o, final_state = hgrn2_scan(
-        q, f, i, lower_bound, scale=scale, initial_state=state, output_final_state=True, backend="naive"
-    )
+    # Shapes only: a value check would wait on the GPU at every token (and cannot run in a CUDA graph).
+    _check_scan_inputs(q, f, i, lower_bound, state, None, check_values=False)
+    H, K = q.shape[2:]
+    if lower_bound is not None:
+        lower_bound = lower_bound.reshape(H, K)
+    scale = K**-0.5 if scale is None else scale
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and state.dtype == torch.float32 else "naive"
+    if backend == "triton":
+        from kernels.triton_decode import decode_step
+
+        return decode_step(q, f, i, lower_bound, state, float(scale))
+    if backend != "naive":
+        raise ValueError(f"unknown decode backend {backend!r}: use 'auto', 'triton' or 'naive'")
+    o, final_state = _reference_scan(naive_recurrence, q, f, i, lower_bound, scale, state, None, False)
     state.copy_(final_state)
     return o
 
@@ -100,7 +120,7 @@ def _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_s
     return torch.cat(outputs, 1).to(q.dtype), state.to(torch.promote_types(state.dtype, torch.float32))
 
 
-def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens) -> None:
+def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens, check_values: bool = True) -> None:
     """Fail with a message that says what is wrong; a silent wrong answer is the worst outcome."""
     for name, x in (("q", q), ("f", f), ("i", i)):
         if x.dim() != 4:
@@ -123,7 +143,7 @@ def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens) -> None:
         if lower_bound.device != q.device:
             raise ValueError(f"lower_bound is on {lower_bound.device} but q is on {q.device}")
         # NaN is let through, as in q, f and i: a diverged model should fail at its loss, with advice.
-        if _may_sync() and bool(((lower_bound < 0) | (lower_bound >= 1)).any()):
+        if check_values and _may_sync() and bool(((lower_bound < 0) | (lower_bound >= 1)).any()):
             raise ValueError(
                 f"lower_bound must lie in [0, 1) (it is a forget-gate floor), got values in "
                 f"[{lower_bound.min().item():.4g}, {lower_bound.max().item():.4g}]"
