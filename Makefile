@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 GPU_WHEELS := omegaconf==2.4.0 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 \
 	flash-linear-attention==0.6.0 fla-core==0.6.0
 
-.PHONY: install demo test test-gpu bench wheels lint clean
+.PHONY: install demo test test-gpu bench bench-scaling wheels lint clean
 
 install: $(INSTALLED)
 
@@ -34,7 +34,12 @@ test-gpu:
 	$(GPU_ENV) python3 -m pytest -q -m gpu
 
 bench:
-	$(GPU_ENV) python3 benchmarks/scan.py
+	$(GPU_ENV) python3 benchmarks/scan.py && python3 benchmarks/generate.py && \
+		python3 benchmarks/train.py --run "1gpu=" --baselines llama
+
+# Two GPUs: the LM under DDP and FSDP, the ViT with repeated augmentation, resuming across device counts.
+bench-scaling:
+	$(GPU_ENV) bash benchmarks/scaling.sh benchmarks/results
 
 wheels:
 	$(PYTHON) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)

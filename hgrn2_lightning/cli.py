@@ -4,18 +4,36 @@
     hgrn2 fit --config ... --ckpt_path last          resume the same run exactly
     hgrn2 generate --ckpt_path ... --prompt "def "   sample text from a language model
     hgrn2 prepare-text --train 'corpus/*.txt' --out data/corpus --tokenizer tokenizer.json
+    hgrn2 lra make-listops --out data/listops-1000 --seed 0     generate LRA ListOps in the release format
+    hgrn2 import-fla --folder hgrn2-fla --out model.ckpt         an fla / Hugging Face HGRN2 folder -> checkpoint
+    hgrn2 export-fla --ckpt_path model.ckpt --out hgrn2-fla      and back
 """
 
 import os
 import sys
+from argparse import RawDescriptionHelpFormatter
 
-from jsonargparse import CLI
+from jsonargparse import CLI, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from datamodules.listops import make_listops
 from datamodules.text import prepare_text
 from hgrn2_lightning.generate import generate_command
+from hgrn2_lightning.interop import export_fla, import_fla
+from hgrn2_lightning.throughput import ThroughputMonitor
 
-TOOLS = {"generate": generate_command, "prepare-text": prepare_text}
+# Commands of the project's own, beside the Trainer's; a dict value makes a group (`hgrn2 lra make-listops`).
+TOOLS = {
+    "generate": generate_command,
+    "prepare-text": prepare_text,
+    "lra": {"make-listops": make_listops},
+    "import-fla": import_fla,
+    "export-fla": export_fla,
+}
+
+
+class KeepLayoutHelp(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """`--help` shows the command table above as it is laid out."""
 
 
 class HGRN2CLI(LightningCLI):
@@ -26,6 +44,8 @@ class HGRN2CLI(LightningCLI):
             ("data.vocab_size", "model.init_args.vocab_size"),
             ("data.tokenizer_spec", "model.init_args.tokenizer"),
             ("data.num_classes", "model.init_args.num_classes"),
+            ("data.input_channels", "model.init_args.input_channels"),
+            ("data.paired", "model.init_args.paired"),
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
 
@@ -40,10 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
-        parser_kwargs={"parser_mode": "omegaconf", "description": __doc__},
+        parser_kwargs={"parser_mode": "omegaconf", "description": __doc__, "formatter_class": KeepLayoutHelp},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "plugins": [{"class_path": "hgrn2_lightning.checkpoint.AtomicCheckpointIO"}],
+            # Persistent: every fit logs tokens (images) per second and MFU, and writes throughput.json.
+            "callbacks": [ThroughputMonitor()],
             "use_distributed_sampler": False,
         },
     )

@@ -1,5 +1,7 @@
 """The `hgrn2` command end to end on CPU: configs, fit, resume, generate, DDP, and the errors users meet."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -157,3 +159,28 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(target, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_every_fit_reports_throughput_and_the_true_loss_under_accumulation(tmp_path, corpus):
+    """The CLI's ThroughputMonitor writes throughput.json. With 2 accumulated micro-batches Lightning hands
+    the monitor each loss halved; the recorded losses must be the micro-batches' own."""
+    config, run = tiny_lm_config(tmp_path, corpus, max_steps=3, dropout=0.0)
+    main(["fit", "--config", str(config), "--trainer.accumulate_grad_batches", "2"])
+    summary = json.loads(next(run.rglob("throughput.json")).read_text())
+    assert summary["unit"] == "tokens" and summary["per_s"] > 0 and 0 < summary["first_step_s"] < 600
+    assert len(summary["losses"]) == 6 and summary["world_size"] == 1
+    # A freshly initialised model predicts nearly uniformly over the 257 byte tokens.
+    assert summary["losses"][0] == pytest.approx(math.log(257), abs=0.3)
+
+
+def test_training_benchmark_runs_its_cpu_smoke_path(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train.py", "--smoke", "--steps", "3", "--out", str(tmp_path),
+         "--data", str(tmp_path / "tokens")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "train-cpu.json").read_text())
+    (run,) = summary["ours"]
+    assert run["per_s"] > 0 and len(run["losses"]) == 3
+    assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint16"
