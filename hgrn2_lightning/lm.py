@@ -10,6 +10,7 @@ from hgrn2_lightning.model import HGRN2, HGRN2Config, init_weights
 from hgrn2_lightning.optim import OptimConfig, configure_adamw
 from hgrn2_lightning.task import TaskModule
 from hgrn2_lightning.throughput import matmul_training_flops
+from kernels.cross_entropy import linear_cross_entropy
 
 
 class CausalLM(nn.Module):
@@ -26,7 +27,11 @@ class CausalLM(nn.Module):
 
     def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
         """Given `states` (from `new_states`), they carry the context in and are advanced in place."""
-        return self.head(self.backbone(self.embed(tokens), states))
+        return self.head(self.features(tokens, states))
+
+    def features(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
+        """What the head reads: [B, T, d_model]."""
+        return self.backbone(self.embed(tokens), states)
 
     def new_states(self, batch_size: int, device: torch.device | str | None = None) -> list[Tensor]:
         return self.backbone.new_states(batch_size, device)
@@ -73,9 +78,10 @@ class LanguageModel(TaskModule):
         return matmul_training_flops(self.model) + self.model.backbone.scan_flops_per_token()
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        # Chunked through the head: the [tokens, vocab] logits are never held whole (kernels/cross_entropy.py).
         inputs, targets = batch
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        hidden = self.model.features(inputs)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.model.head.weight, targets.flatten())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)

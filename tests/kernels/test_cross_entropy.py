@@ -1,0 +1,59 @@
+"""The chunked head + cross entropy against the plain one: loss and gradients, chunks that do not divide
+the tokens, ignored targets, and autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.cross_entropy as ce
+from kernels.cross_entropy import linear_cross_entropy
+from tests.helpers import relative_error
+
+
+def plain(hidden, weight, targets):
+    return F.cross_entropy(hidden @ weight.T, targets)
+
+
+def inputs(n=37, d=16, vocab=29, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, dtype=dtype, generator=generator).requires_grad_()
+    weight = torch.randn(vocab, d, dtype=dtype, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 37, 1000])
+def test_loss_and_gradients_equal_the_plain_head(monkeypatch, chunk_tokens):
+    monkeypatch.setattr(ce, "CHUNK_ELEMENTS", chunk_tokens * 29)
+    hidden, weight, targets = inputs()
+    targets[3] = targets[20] = -100  # ignored: out of the loss and the mean
+    ours = linear_cross_entropy(hidden, weight, targets)
+    grads = torch.autograd.grad(ours * 3.0, (hidden, weight))
+    reference = plain(hidden, weight, targets)
+    expected = torch.autograd.grad(reference * 3.0, (hidden, weight))
+    assert relative_error(ours, reference) < 1e-12
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < 1e-12
+    assert not grads[0][3].any() and not grads[0][20].any()
+
+
+def test_under_autocast_the_matmuls_run_in_the_autocast_dtype():
+    hidden, weight, targets = (x.detach().float() if x.is_floating_point() else x for x in inputs(n=64, d=32, vocab=50))
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, targets)
+        reference = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    grads = torch.autograd.grad(ours, (hidden, weight))
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    assert ours.dtype == torch.float32 and relative_error(ours, reference) < 1e-3
+    assert grads[0].dtype == hidden.dtype and grads[1].dtype == weight.dtype
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < 2e-2  # bf16 matmuls on both sides, rounded differently
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    hidden, weight, targets = inputs()
+    with pytest.raises(ValueError, match="share d"):
+        linear_cross_entropy(hidden, weight[:, :8], targets)
+    with pytest.raises(ValueError, match="targets must be"):
+        linear_cross_entropy(hidden, weight, targets[:5])
