@@ -50,6 +50,7 @@ class LanguageModel(TaskModule):
         tie_embeddings: bool = False,
         optim: OptimConfig = OptimConfig(),
         tokenizer: str = "bytes",
+        chunked_loss: bool = False,
     ):
         """
         Args:
@@ -58,6 +59,8 @@ class LanguageModel(TaskModule):
             tie_embeddings: share the input embedding with the output head.
             optim: AdamW and learning-rate schedule.
             tokenizer: the tokenizer the data used (linked by the CLI); stored so `hgrn2 generate` can decode.
+            chunked_loss: compute the head and the loss a chunk of tokens at a time (kernels/cross_entropy.py),
+                never holding the [tokens, vocab] logits: the same loss and gradients in less memory.
         """
         super().__init__()
         if not vocab_size:
@@ -78,10 +81,11 @@ class LanguageModel(TaskModule):
         return matmul_training_flops(self.model) + self.model.backbone.scan_flops_per_token()
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        # Chunked through the head: the [tokens, vocab] logits are never held whole (kernels/cross_entropy.py).
         inputs, targets = batch
-        hidden = self.model.features(inputs)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.model.head.weight, targets.flatten())
+        hidden = self.model.features(inputs).flatten(0, 1)
+        if self.hparams.chunked_loss:
+            return linear_cross_entropy(hidden, self.model.head.weight, targets.flatten())
+        return F.cross_entropy(self.model.head(hidden).float(), targets.flatten())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)

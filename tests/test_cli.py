@@ -184,3 +184,14 @@ def test_training_benchmark_runs_its_cpu_smoke_path(tmp_path):
     (run,) = summary["ours"]
     assert run["per_s"] > 0 and len(run["losses"]) == 3
     assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint16"
+
+
+def test_chunked_loss_trains_like_the_plain_head(tmp_path, corpus):
+    """model.chunked_loss changes how the loss is computed, not what is learned."""
+    runs = {}
+    for chunked in (False, True):
+        config, run = tiny_lm_config(tmp_path / str(chunked), corpus, max_steps=4, dropout=0.0)
+        main(["fit", "--config", str(config), "--model.init_args.chunked_loss", str(chunked).lower()])
+        runs[chunked] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, tensor in runs[False].items():
+        torch.testing.assert_close(runs[True][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
