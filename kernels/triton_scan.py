@@ -139,7 +139,7 @@ def _fwd_kernel(
     stride_q, stride_f, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, ANCHORED_DT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -174,22 +174,22 @@ def _fwd_kernel(
         G_last = _row_of(G, offs_c, C - 1)
         G_mid, anchored = _anchor(G, offs_c, valid, C)
         # Registers are the limit here: keep k and q in the input dtype and G alone in float32.
-        k_end = (k * tl.exp(G_last[None, :] - G)).to(DT)
+        k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
         k = k.to(DT)
         q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(DT)
-        q_inter = (q_t.to(tl.float32) * tl.exp(G)).to(DT)
+        q_inter = (q_t.to(tl.float32) * tl.exp(G)).to(WIDE_DT)
         if anchored:
-            q_mid = (q_t.to(tl.float32) * tl.exp(G - G_mid[None, :])).to(ANCHORED_DT)
-            k_mid = (k.to(tl.float32) * tl.exp(G_mid[None, :] - G)).to(ANCHORED_DT)
+            q_mid = (q_t.to(tl.float32) * tl.exp(G - G_mid[None, :])).to(WIDE_DT)
+            k_mid = (k.to(tl.float32) * tl.exp(G_mid[None, :] - G)).to(WIDE_DT)
             A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
         else:
             A = _scores_exact(q_t.to(tl.float32), k.to(tl.float32), G, offs_c, C, BK)
         A = tl.where(causal, A, 0.0).to(DT)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
-        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, S.to(DT), input_precision=PRECISION)
+        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, S.to(WIDE_DT), input_precision=PRECISION)
         tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], (out * scale).to(o.dtype.element_ty),
                  mask=mask_cv)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t, input_precision=PRECISION)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
     if SAVE_STATES:
         tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile,
                  S.to(states.dtype.element_ty), mask=mask_kv)
@@ -203,7 +203,7 @@ def _bwd_dh_kernel(
     stride_q, stride_f, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -238,8 +238,8 @@ def _bwd_dh_kernel(
         q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
-        q_inter = (q_t.to(tl.float32) * tl.exp(G) * scale).to(DT)
-        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(DT), input_precision=PRECISION)
+        q_inter = (q_t.to(tl.float32) * tl.exp(G) * scale).to(WIDE_DT)
+        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
     if WRITE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
 
@@ -250,7 +250,7 @@ def _bwd_kernel(
     stride_q, stride_f, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    ANCHORED_DT: tl.constexpr,
+    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
@@ -292,7 +292,7 @@ def _bwd_kernel(
         k_mid = k.to(ANCHORED_DT)
         A = _scores_exact(q_t, k, G, offs_c, C, BK)
     A = tl.where(causal, A * scale, 0.0).to(DT)
-    k_end = (k * tl.exp(G_last[None, :] - G)).to(DT)
+    k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
 
     dq_inter = tl.zeros([C, BK], dtype=tl.float32)
     dk_state = tl.zeros([C, BK], dtype=tl.float32)
@@ -308,11 +308,11 @@ def _bwd_kernel(
         state_tile = offs_k[:, None] * V + offs_v[None, :]
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
-        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(DT)
-        dh_end = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0).to(DT)
+        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        dh_end = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         dA += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
-        dq_inter += tl.dot(do_t, tl.trans(h_start), input_precision=PRECISION)
-        dk_state += tl.dot(v_t, tl.trans(dh_end), input_precision=PRECISION)
+        dq_inter += tl.dot(do_t.to(WIDE_DT), tl.trans(h_start), input_precision=PRECISION)
+        dk_state += tl.dot(v_t.to(WIDE_DT), tl.trans(dh_end), input_precision=PRECISION)
         dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(k_end, dh_end, input_precision=PRECISION)
         tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
         dh_dot_h += tl.sum(h_start.to(tl.float32) * dh_end.to(tl.float32), axis=1)
@@ -411,12 +411,18 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _anchored_dtype(x: Tensor):
-    """Operands of the forward's anchored intra-chunk matmul: their factors reach exp(40), beyond float16's
-    range, so float16 inputs take it in float32 (tf32), bfloat16 and float32 in their own type. The
-    backward always uses float32 (tf32) there: the gate gradient q dq - k dk cancels the pairs that do
-    not span a step, and bfloat16 rounding of dq and dk would leave that cancellation noisy."""
-    return {torch.float16: tl.float32, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x.dtype]
+def _wide_dtype(x: Tensor) -> torch.dtype:
+    """The type of what is scaled by exp of a gate sum: the anchored intra-chunk operands (factors up to
+    exp(40)), the chunk states, their gradients and the operands that meet them (factors down to exp(-20)
+    per step when the gates are near 0). float16 leaves its range there (largest 65504, smallest
+    subnormal 6e-8), so float16 inputs take those in float32 (tf32 matmuls); bfloat16 and float32 keep
+    their own type. The backward's anchored operands are always float32 (tf32): the gate gradient
+    q dq - k dk cancels the pairs that do not span a step, and bfloat16 rounding would leave that noisy."""
+    return torch.float32 if x.dtype == torch.float16 else x.dtype
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
 @torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
@@ -432,7 +438,7 @@ def scan_fwd(
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
-    states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=q.dtype, device=q.device)
+    states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q), device=q.device)
     BK, BV = _block(K), min(64, _block(V))
     dummy = q.new_empty(0)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
@@ -442,7 +448,7 @@ def scan_fwd(
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T,
             H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, HAS_BOUND=lower_bound is not None,
             HAS_H0=initial_state is not None, SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state,
-            IS_VARLEN=layout.is_varlen, REVERSE=reverse, PRECISION=_precision(q), ANCHORED_DT=_anchored_dtype(q),
+            IS_VARLEN=layout.is_varlen, REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)),
             **_launch(BK),
         )
     return o, final, states
@@ -457,7 +463,7 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
-        q.new_empty(layout_states if save_states else 0, H, K, V),
+        q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q)),
     )
 
 
@@ -474,7 +480,7 @@ def scan_bwd(
     layout = _Layout(B, T, cu_seqlens, q.device)
     N = layout.n_sequences
     BK, BV = _block(K), min(64, _block(V))
-    dstates = _empty(layout.n_chunks, H, K, V, dtype=q.dtype, device=q.device)
+    dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q), device=q.device)
     dh0 = _empty(N if want_dh0 else 0, H, K, V, dtype=torch.float32, device=q.device)
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
     df = _empty(B, T, H, K, dtype=f.dtype, device=q.device)
@@ -484,7 +490,7 @@ def scan_bwd(
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = dict(H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
-                  REVERSE=reverse, PRECISION=_precision(q))
+                  REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)))
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         BK_dh = min(64, BK)
         _bwd_dh_kernel[(triton.cdiv(K, BK_dh), triton.cdiv(V, BV), N * H)](
@@ -493,9 +499,11 @@ def scan_bwd(
             BK=BK_dh, BV=BV, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, num_warps=4, **common,
         )
         grid = (layout.n_chunks if layout.is_varlen else N * triton.cdiv(T, CHUNK), H)
+        # float32 tiles of a 256-wide head need 244 KiB of shared memory at BV 64 (sm_90 allows 227): halve BV.
+        BV_grads = BV // 2 if BK >= 256 and q.dtype == torch.float32 else BV
         _bwd_kernel[grid](
             q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
-            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV, **_launch(BK),
+            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV_grads, **_launch(BK),
             ANCHORED_DT=tl.float32, **common,
         )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
