@@ -2,7 +2,8 @@
 # Multi-GPU scaling from the users' own configs, changing only trainer flags (issue 9). Needs 2 GPUs.
 #   bash benchmarks/scaling.sh OUT_DIR [lm|vision|resume]...     (default: all three)
 # lm:     the ~370M LM on 1 GPU, DDP and FSDP on 2 (global batch 16 to compare losses, 16 per GPU for scaling)
-# vision: hgrn2_vit_tiny with repeated augmentation on 1 and 2 GPUs (generated 224 px shapes: no ImageNet here)
+# vision: hgrn2_vit_tiny with repeated augmentation on 1 and 2 GPUs (generated 224 px shapes: no ImageNet here),
+#         with a check of the two ranks' draws (benchmarks/shards.py)
 # resume: a DDP checkpoint from 2 GPUs resumed on 1 GPU (2 accumulated batches: the same global batch) and on 2;
 #         the losses after resuming must agree between the two
 set -euo pipefail
@@ -29,8 +30,11 @@ for part in $parts; do
     shapes="--data.class_path datamodules.ShapesDataModule --data.init_args.root /tmp/shapes \
       --data.init_args.image_size 224 --data.init_args.train_per_class 200 --data.init_args.val_per_class 2 \
       --data.init_args.num_workers 14 --trainer.max_epochs -1"
+    # The 2-GPU run also records each rank's draws: every image drawn 3 times over both ranks, never more.
+    record="--trainer.callbacks+=benchmarks.shards.RecordShards --trainer.callbacks.path $out/shards-vit_tiny-ddp2.json"
     python3 benchmarks/train.py --config configs/imagenet/hgrn2_vit_tiny.yaml --steps $steps --out "$out" \
-      --tag=-vision-scaling --run "vit_tiny-1gpu=$shapes --trainer.devices 1" --run "vit_tiny-ddp2=$shapes $ddp"
+      --tag=-vision-scaling --run "vit_tiny-1gpu=$shapes --trainer.devices 1" --run "vit_tiny-ddp2=$shapes $ddp $record"
+    python3 -c "import json, sys; r = json.load(open(sys.argv[1])); r.pop('draws'); print(r)" "$out/shards-vit_tiny-ddp2.json"
     ;;
   resume)
     # Resumed in place (ModelCheckpoint keeps last.ckpt only in the folder it wrote it in); the step-20

@@ -225,7 +225,11 @@ def test_deit_recipe_with_ema_runs_through_the_cli(shapes, tmp_path):
 
 
 def test_two_process_ddp_with_repeated_augmentation(shapes, tmp_path):
-    config, run = tiny_demo_config(tmp_path, shapes, max_steps=3)
+    """Two gloo ranks, repeated augmentation x3: every image of the epoch is drawn 3 times over the two
+    ranks together, never more (the ranks do not repeat each other's draws), each copy augmented anew."""
+    shards = tmp_path / "shards.json"
+    record = {"class_path": "benchmarks.shards.RecordShards", "init_args": {"path": str(shards)}}
+    config, run = tiny_demo_config(tmp_path, shapes, max_steps=6, callbacks=[record])
     result = subprocess.run(
         [sys.executable, "-m", "hgrn2_lightning", "fit", "--config", str(config), "--trainer.strategy", "ddp",
          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.init_args.repeated_augmentation", "3",
@@ -235,7 +239,21 @@ def test_two_process_ddp_with_repeated_augmentation(shapes, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    report = json.loads(shards.read_text())
+    assert report["ranks"] == 2 and report["repeats"] == 3 and report["steps_per_rank"] == [6]
+    assert report["disjoint"], report["problems"]
+    rank0, rank1 = ([i for draw in draws for i in draw["indices"]] for draws in report["draws"])
+    assert rank0 != rank1 and len(rank0) == len(rank1) == 6 * 12
+
+
+def test_shard_check_catches_ranks_that_draw_the_same_shard():
+    from benchmarks.shards import check_shards
+
+    stream = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # three copies of each image, dealt to two ranks in turn
+    rank0, rank1 = stream[0::2], stream[1::2]
+    assert check_shards([[{"epoch": 0, "indices": rank0}], [{"epoch": 0, "indices": rank1}]], 3)["disjoint"]
+    assert not check_shards([[{"epoch": 0, "indices": rank0}], [{"epoch": 0, "indices": rank0}]], 3)["disjoint"]
 
 
 def test_benchmark_script_runs_its_cpu_smoke_path(capsys):
