@@ -45,7 +45,7 @@ wheels:
 	$(PYTHON) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)
 
 lint: install
-	$(BIN)/python -m pip install -q ruff
+	$(BIN)/python -m pip install -q ruff==0.17.6
 	$(BIN)/ruff check hgrn2_lightning kernels datamodules tests benchmarks
 
 clean:

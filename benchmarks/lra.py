@@ -79,7 +79,9 @@ def median_seconds(step, steps: int, warmup: int, device: str) -> float:
     return statistics.median(times)
 
 
-def time_steps(model, optimizer, batch, autocast, steps: int, warmup: int, device: str) -> tuple[float, float, float | None]:
+def time_steps(
+    model, optimizer, batch, autocast, steps: int, warmup: int, device: str
+) -> tuple[float, float, float | None]:
     """Median seconds of a training step and of an inference step, and the training's peak memory (GiB)."""
     inputs, lengths, labels = batch
 

@@ -260,7 +260,9 @@ class IMDBDataModule(LRADataModule):
 
     def load_splits(self) -> dict[str, Dataset]:
         if (self.root / "aclImdb").is_dir():
-            raise FileNotFoundError(f"data.root {self.root} holds an aclImdb folder: set data.root to {self.root / 'aclImdb'}")
+            raise FileNotFoundError(
+                f"data.root {self.root} holds an aclImdb folder: set data.root to {self.root / 'aclImdb'}"
+            )
         train, test = self.read_split("train"), self.read_split("test")
         return {"train": train, "val": test, "test": test}
 

@@ -104,7 +104,8 @@ class SequentialCIFAR10DataModule(LRADataModule):
         self.input_channels = 1 if grayscale else 3
 
     def load_splits(self) -> dict[str, Dataset]:
-        (train_images, train_labels), (test_images, test_labels) = (read_cifar10(self.root, s) for s in ("train", "test"))
+        train_images, train_labels = read_cifar10(self.root, "train")
+        test_images, test_labels = read_cifar10(self.root, "test")
         if self.grayscale:
             train_images, test_images = to_grayscale(train_images), to_grayscale(test_images)
         order = np.random.default_rng(SPLIT_SEED).permutation(len(train_labels))

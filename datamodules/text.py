@@ -226,7 +226,9 @@ def load_token_file(path: Path, dtype: type, vocab_size: int) -> np.ndarray:
             f"check data.token_dtype and data.tokenizer"
         )
     if dtype == np.uint16 and sample.size >= 64 and not sample[1::2].any() and sample[0::2].any():
-        raise ValueError(f"{path} looks like uint32 token ids (every other uint16 is zero): set data.token_dtype uint32")
+        raise ValueError(
+            f"{path} looks like uint32 token ids (every other uint16 is zero): set data.token_dtype uint32"
+        )
     return tokens
 
 

@@ -48,7 +48,8 @@ class SequenceEncoder(nn.Module):
             )
         # S4's encoders at PyTorch's initialisation: an N(0, 1) embedding matches unit-amplitude positions,
         # where the backbone's 0.02 would drown the tokens under them.
-        self.embed = nn.Embedding(vocab_size, config.d_model) if vocab_size else nn.Linear(input_channels, config.d_model)
+        d = config.d_model
+        self.embed = nn.Embedding(vocab_size, d) if vocab_size else nn.Linear(input_channels, d)
         self.tokens = vocab_size is not None
         self.positions = positions
         self.backbone = HGRN2(config)
@@ -151,7 +152,9 @@ class SequenceClassifier(TaskModule):
         self.model = LRAModel(
             backbone, num_classes, vocab_size, input_channels, paired, positional_encoding == "sinusoidal"
         )
-        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(3))
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
+        )
 
     def forward(self, inputs: Tensor, lengths: Tensor) -> Tensor:
         return self.model(inputs, lengths)

@@ -161,7 +161,9 @@ def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens, check_va
     if initial_state is not None:
         expected = (n_states, H, K, i.shape[-1])
         if tuple(initial_state.shape) != expected:
-            raise ValueError(f"initial_state must be {list(expected)} ([sequences, H, K, V]), got {list(initial_state.shape)}")
+            raise ValueError(
+                f"initial_state must be {list(expected)} ([sequences, H, K, V]), got {list(initial_state.shape)}"
+            )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
 

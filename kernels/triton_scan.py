@@ -210,7 +210,6 @@ def _bwd_dh_kernel(
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
     length = eos - bos
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
-    DT = q.dtype.element_ty
     offs_c = tl.arange(0, C)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -332,7 +331,8 @@ def _bwd_kernel(
     else:
         dq_intra, dk_intra = _intra_grads_exact(q_t, k, G, dA, offs_c, C, BK)
         dq_t += dq_intra
-    tl.store(dq + (rows[:, None] * H + i_h) * K + offs_k[None, :], (dq_t + dA_diag[:, None] * k).to(dq.dtype.element_ty),
+    tl.store(dq + (rows[:, None] * H + i_h) * K + offs_k[None, :],
+             (dq_t + dA_diag[:, None] * k).to(dq.dtype.element_ty),
              mask=mask_ck)
     dk_t = dk_intra + dk_state + dA_diag[:, None] * q_t
 
@@ -550,6 +550,8 @@ def triton_scan(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
-    o, final, _ = scan_fwd(q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse, needs_grad,
-                           output_final_state)
+    o, final, _ = scan_fwd(
+        q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse, needs_grad,
+        output_final_state,
+    )
     return o, (final if output_final_state else None)

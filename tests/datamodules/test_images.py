@@ -238,3 +238,13 @@ def test_repeated_augmentation_resumes_mid_epoch():
     assert seen + [b.tolist() for b in resumed] == expected
     evaluation = resumable_loader(dataset, batch_size=4, shuffle=False, seed=3, train=False, repeats=3)
     assert type(evaluation.sampler) is ShardedSampler and len(evaluation.sampler) == 48
+
+
+def test_randaugment_at_its_largest_magnitude_does_not_crash():
+    """DeiT's rand-m9-mstd0.5-inc1 draws magnitudes up to 10, where posterize keeps 0 bits (a black image):
+    with a Pillow that refuses 0 bits, about 1 image in 300 would stop training in a loader worker."""
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    posterized = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert np.asarray(posterized).max() == 0

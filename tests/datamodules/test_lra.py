@@ -129,6 +129,13 @@ def write_pathfinder(root: Path, resolution: int, count: int, empty: int | None 
 # The ListOps generator
 
 
+def median_of(args: list[int]) -> int:
+    """LRA's MED: the middle value, or the floor of the mean of the two middle values."""
+    ordered = sorted(args)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) // 2
+
+
 def evaluate_tokens(tokens: list[str]) -> int:
     """An evaluator of the model's view of the text (parentheses dropped), written apart from the generator's."""
     stack: list[list] = []
@@ -140,7 +147,7 @@ def evaluate_tokens(tokens: list[str]) -> int:
             value = {
                 "[MIN": min(args),
                 "[MAX": max(args),
-                "[MED": sorted(args)[len(args) // 2] if len(args) % 2 else (sorted(args)[len(args) // 2 - 1] + sorted(args)[len(args) // 2]) // 2,
+                "[MED": median_of(args),
                 "[SM": sum(args) % 10,
             }[op]
             if not stack:

@@ -51,7 +51,8 @@ def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_
         loss = (o.double() * do).sum() + (state.double() * d_final).sum()
         used = [x for n, x in enumerate(inputs) if (n != 3 or bounded) and (n != 4 or initial_state)]
         results.append([o, state, *torch.autograd.grad(loss, used)])
-    names = ["o", "final_state", "dq", "df", "di"] + (["dlower_bound"] if bounded else []) + (["dh0"] if initial_state else [])
+    names = ["o", "final_state", "dq", "df", "di"]
+    names += (["dlower_bound"] if bounded else []) + (["dh0"] if initial_state else [])
     # The oracle's values rounded to the type the kernel returns, as the inputs are: in float16 a gate
     # gradient of 1e-9 (gates near 0) is below the smallest subnormal, whatever the kernel computes.
     return {name: relative_error(ours, exact.to(ours.dtype)) for name, ours, exact in zip(names, *results)}

@@ -77,7 +77,8 @@ def test_sinusoidal_positions():
     pe = sinusoidal_positions(50, 8)
     assert pe.shape == (50, 8)
     torch.testing.assert_close(pe[0], torch.tensor([0.0, 1.0] * 4))
-    torch.testing.assert_close(pe[7, 2:4], torch.tensor([math.sin(7 / 10000 ** (2 / 8)), math.cos(7 / 10000 ** (2 / 8))]))
+    angle = 7 / 10000 ** (2 / 8)
+    torch.testing.assert_close(pe[7, 2:4], torch.tensor([math.sin(angle), math.cos(angle)]))
 
 
 def test_retrieval_encodes_each_document_on_its_own():
@@ -109,7 +110,9 @@ def test_retrieval_refuses_single_documents():
 
 def test_pixel_model_with_2d_scans_sees_the_whole_image():
     torch.manual_seed(0)
-    config = HGRN2Config(d_model=8, n_layers=2, expand_ratio=2, mlp_hidden=8, norm="batchnorm", direction="2d", grid=(4, 4))
+    config = HGRN2Config(
+        d_model=8, n_layers=2, expand_ratio=2, mlp_hidden=8, norm="batchnorm", direction="2d", grid=(4, 4)
+    )
     model = LRAModel(config, num_classes=2, input_channels=1).eval()
     pixels = torch.randn(2, 16, 1)
     logits = model(pixels, torch.tensor([16, 16]))

@@ -92,7 +92,8 @@ def test_lower_bounds_start_unbounded_and_rise_with_depth():
         backbone.lower_bound_logits.normal_(0, 3.0)
     bounds = torch.stack(backbone.lower_bounds()[1:])
     assert (bounds.diff(dim=0) >= 0).all() and (bounds > 0).all() and (bounds < 1).all()
-    assert HGRN2(HGRN2Config(d_model=16, n_layers=3, expand_ratio=4, use_lower_bound=False)).lower_bounds() == [None] * 3
+    unbounded = HGRN2(HGRN2Config(d_model=16, n_layers=3, expand_ratio=4, use_lower_bound=False))
+    assert unbounded.lower_bounds() == [None] * 3
 
 
 def test_lower_bound_logits_receive_gradients_from_every_layer_but_the_first():
