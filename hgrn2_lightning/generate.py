@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from datamodules.tokenizers import Tokenizer, load_tokenizer
+from hgrn2_lightning.interop import load_language_model
 from hgrn2_lightning.lm import CausalLM
-from hgrn2_lightning.model import HGRN2Config
 
 
 @dataclass
@@ -95,39 +95,21 @@ class Generator:
     def from_checkpoint(
         cls, path: str | Path, *, tokenizer: str | None = None, device: str = "auto", dtype: str = "auto", **options
     ) -> "Generator":
-        """A generator for a checkpoint written by `hgrn2 fit` with a LanguageModel.
+        """A generator for a checkpoint written by `hgrn2 fit` with a LanguageModel (or an fla folder).
 
         tokenizer: 'bytes' or a tokenizer.json, instead of the one the checkpoint names. device: "auto"
         is CUDA when available. dtype: "auto" is bfloat16 on CUDA and float32 on the CPU. Other keyword
         arguments go to `Generator` (cuda_graph, prefill_chunk, max_prompt_tokens).
         """
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"checkpoint {path} does not exist: give a checkpoint written by `hgrn2 fit`, "
-                f"e.g. runs/lm-demo/checkpoints/last.ckpt"
-            )
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
         if dtype not in dtypes:
             raise ValueError(f"dtype must be 'auto' or one of {list(dtypes)}, got {dtype!r}")
-        # Memory-mapped: the optimizer state in the file is never read.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        hparams = checkpoint.get("hyper_parameters", {})
-        if "backbone" not in hparams or "vocab_size" not in hparams or "tokenizer" not in hparams:
-            raise ValueError(
-                f"{path} is not a language-model checkpoint (its hyperparameters have no backbone, vocab_size "
-                f"and tokenizer): generate from a checkpoint of a LanguageModel run (configs/lm)"
-            )
-        backbone = hparams["backbone"]
-        config = backbone if isinstance(backbone, HGRN2Config) else HGRN2Config(**backbone)
-        with device:
-            model = CausalLM(config, hparams["vocab_size"], hparams.get("tie_embeddings", False))
-        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(weights)
-        model = model.to(dtypes[dtype]).eval()
-        return cls(model, load_tokenizer(tokenizer or hparams["tokenizer"]), **options)
+        module = load_language_model(path, tokenizer)
+        model = module.model.to(device, dtypes[dtype]).eval()
+        return cls(model, load_tokenizer(module.hparams.tokenizer), **options)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
@@ -306,10 +288,10 @@ class Generator:
         lengths = [len(piece) for piece in pieces]
         if len(set(lengths)) == 1:
             tokens = torch.tensor(pieces, device=self.device)
-            return self.model.backbone(self.model.embed(tokens), states)[:, -1]
+            return self.model.features(tokens, states)[:, -1]
         tokens = torch.tensor(list(itertools.chain.from_iterable(pieces)), device=self.device)
         cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=self.device)
-        hidden = self.model.backbone(self.model.embed(tokens)[None], states, cu_seqlens=cu_seqlens)[0]
+        hidden = self.model.features(tokens[None], states, cu_seqlens)[0]
         return hidden[cu_seqlens[1:] - 1]
 
     def _batch_of_size(self, B: int) -> _Batch:

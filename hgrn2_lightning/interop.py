@@ -31,6 +31,7 @@ from torch import Tensor
 from datamodules.tokenizers import load_tokenizer
 from hgrn2_lightning.lm import LanguageModel
 from hgrn2_lightning.model import HGRN2Config
+from hgrn2_lightning.optim import OptimConfig
 
 FLA_OUTPUT_NORM_EPS = 1e-5
 """The eps of fla's output norm: `HGRN2Attention` calls `rms_norm_linear` without one (fla 0.6.0)."""
@@ -317,14 +318,32 @@ def language_model_from_fla(folder: str | Path, tokenizer: str | None = None) ->
 
 
 def load_language_model(path: str | Path, tokenizer: str | None = None) -> LanguageModel:
-    """A checkpoint of ours (`hgrn2 fit`, `hgrn2 import-fla`) or an fla folder, as a LanguageModel on the CPU."""
+    """A checkpoint of ours (`hgrn2 fit`, `hgrn2 import-fla`) or an fla folder, as a LanguageModel on the CPU.
+
+    `tokenizer` ("bytes" or a tokenizer.json) replaces the one the checkpoint names."""
     if Path(path).is_dir():
         return language_model_from_fla(path, tokenizer)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a checkpoint of this app or an fla checkpoint folder")
-    module = LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    if tokenizer is not None:
-        module.hparams.tokenizer = tokenizer
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: give a checkpoint written by `hgrn2 fit` "
+            f"(e.g. runs/lm-demo/checkpoints/last.ckpt) or an fla checkpoint folder"
+        )
+    # Memory-mapped: the optimizer state in the file is never read.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not {"backbone", "vocab_size", "tokenizer"} <= hparams.keys():
+        raise ValueError(
+            f"{path} is not a language-model checkpoint (its hyperparameters have no backbone, vocab_size "
+            f"and tokenizer): give a checkpoint of a LanguageModel run (configs/lm)"
+        )
+    # Keys with a leading underscore are the CLI's bookkeeping (how it built the module), not arguments;
+    # the CLI stores the nested configs as plain dicts.
+    arguments = {name: value for name, value in hparams.items() if not name.startswith("_")}
+    for name, config_class in (("backbone", HGRN2Config), ("optim", OptimConfig)):
+        if isinstance(arguments.get(name), dict):
+            arguments[name] = config_class(**arguments[name])
+    module = LanguageModel(**{**arguments, "tokenizer": tokenizer or arguments["tokenizer"]})
+    module.load_state_dict(checkpoint["state_dict"])
     return module
 
 

@@ -29,9 +29,11 @@ class CausalLM(nn.Module):
         """Given `states` (from `new_states`), they carry the context in and are advanced in place."""
         return self.head(self.features(tokens, states))
 
-    def features(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
-        """What the head reads: [B, T, d_model]."""
-        return self.backbone(self.embed(tokens), states)
+    def features(
+        self, tokens: Tensor, states: list[Tensor] | None = None, cu_seqlens: Tensor | None = None
+    ) -> Tensor:
+        """What the head reads: [B, T, d_model]. Given `cu_seqlens`, tokens [1, T] are sequences packed end to end."""
+        return self.backbone(self.embed(tokens), states, cu_seqlens=cu_seqlens)
 
     def new_states(self, batch_size: int, device: torch.device | str | None = None) -> list[Tensor]:
         return self.backbone.new_states(batch_size, device)
