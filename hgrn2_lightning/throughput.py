@@ -48,7 +48,9 @@ class ThroughputMonitor(L.Callback):
     def __init__(self):
         self._last_step_end: float | None = None
         self._rates: list[float] = []
-        self._losses: list[float] = []
+        self._losses: list[float] = []  # one per optimizer step: the mean of its micro-batches' losses
+        self._micro_batch_losses: list[float] = []
+        self._stepped_at: int | None = None
         self._first_step_end: float | None = None
         self._peak_flops: float | None = None
         self._flops_per_item: float | None = None
@@ -58,6 +60,7 @@ class ThroughputMonitor(L.Callback):
         self._flops_per_item = getattr(pl_module, "flops_per_item", None)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stepped_at = trainer.global_step  # not 0 when resuming
         device = pl_module.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -71,7 +74,10 @@ class ThroughputMonitor(L.Callback):
         now = time.perf_counter()
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:  # Lightning hands over the loss divided by the accumulation factor
-            self._losses.append(float(loss) * trainer.accumulate_grad_batches)
+            self._micro_batch_losses.append(float(loss) * trainer.accumulate_grad_batches)
+        if trainer.global_step != self._stepped_at and self._micro_batch_losses:
+            self._losses.append(statistics.fmean(self._micro_batch_losses))
+            self._micro_batch_losses, self._stepped_at = [], trainer.global_step
         if self._first_step_end is None:
             self._first_step_end = time.time()
         if self._last_step_end is not None:
