@@ -1,6 +1,8 @@
 """Generation: the decode path's logits against the full forward, batches of ragged prompts, sampling rules,
 stop tokens, streaming, the CLI, and the errors users meet. CPU here; CUDA graphs and bf16 on the GPU."""
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor
@@ -202,8 +204,31 @@ def test_gpu_decode_path_logits_equal_the_full_forward(layout, dtype, cuda_graph
     options = LAYOUTS[layout]
     generator = Generator(tiny_lm(device="cuda", dtype=dtype), cuda_graph=cuda_graph,
                           prefill_chunk=options.get("prefill_chunk", 2048))
-    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-    assert_decoding_equals_full_forward(generator, prompt_batch(options["lengths"]), steps=20, tolerance=tolerance)
+    prompts = prompt_batch(options["lengths"])
+    if dtype == torch.float32:
+        assert_decoding_equals_full_forward(generator, prompts, steps=20, tolerance=1e-4)
+    else:
+        assert_decoding_is_as_exact_as_the_full_forward(generator, prompts, steps=20)
+
+
+def assert_decoding_is_as_exact_as_the_full_forward(generator, prompts, steps):
+    """bfloat16: a pure-bfloat16 forward of this model is about 1.1e-2 from the exact logits by itself (every
+    activation rounds to 8 bits; measured on CPU, 0.7e-2 at d_model 1024), so two bfloat16 paths of a
+    different operation order differ by up to about 1.5e-2 with no fault in either. Both are compared with
+    the exact logits instead (float64, the same bfloat16 weights): the decode path must be as close to them
+    as the full forward, within a quarter."""
+    logits, tokens = decode_logits(generator, prompts, steps)
+    exact_model = copy.deepcopy(generator.model).to("cpu", torch.float64)
+    for n, prompt in enumerate(prompts):
+        sequence = torch.tensor(prompt + tokens[n].tolist(), device=logits.device)[None]
+        with torch.no_grad():
+            full = generator.model(sequence)[0, len(prompt) - 1 :]
+            exact = exact_model(sequence.cpu())[0, len(prompt) - 1 :]
+        decode_error, full_error = relative_error(logits[n].cpu(), exact), relative_error(full.cpu(), exact)
+        assert decode_error < 1.25 * full_error + 1e-3, (
+            f"prompt {n} (length {len(prompt)}): decode path {decode_error:.2e} from exact, "
+            f"full forward {full_error:.2e}"
+        )
 
 
 @pytest.mark.gpu
