@@ -6,7 +6,9 @@ for every contender, peak extra memory of forward + backward, and the bandwidth 
 as a fraction of the measured device-to-device copy bandwidth. A correctness check against the
 float64 reference runs first, so every time printed belongs to a kernel that is right.
 
-    python benchmarks/scan.py [--tokens 32768] [--out benchmarks/results]
+    python benchmarks/scan.py [--tokens 32768] [--lengths 1024 ...] [--no-fla] [--out benchmarks/results]
+
+Each row also records where our time goes: the GPU time of each kernel per call (torch.profiler).
 """
 
 import argparse
@@ -22,6 +24,7 @@ import triton
 from triton.testing import do_bench
 
 from kernels import hgrn2_scan
+from kernels.triton_scan import CHUNK
 
 H, D = 16, 128
 START = time.perf_counter()
@@ -45,6 +48,21 @@ def peak_extra_bytes(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
+    """GPU milliseconds per call of each kernel that fn launches, largest first."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in profile.events():  # the kernels themselves, not the host-side ops that launched them
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] = times.get(event.name, 0.0) + event.device_time_total / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def correctness(T: int = 1000) -> dict:
@@ -89,6 +107,7 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
         x.requires_grad_(True)
     row["ours_fwdbwd_ms"] = median_ms(ours_train, grad_to_none=[q, f, i])
     row["ours_peak_extra_gib"] = peak_extra_bytes(ours_train) / 2**30
+    row["ours_kernels_ms"] = {"fwd": kernel_ms(ours_fwd), "fwdbwd": kernel_ms(ours_train)}
     log(f"T {T}: ours done")
 
     if fla_chunk_gla is not None:
@@ -132,10 +151,10 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
 
 
 def traffic_bytes(T: int, B: int) -> dict:
-    """Bytes our kernels must move (each tensor read or written once; chunk states per 64 tokens)."""
+    """Bytes our kernels must move (each tensor read or written once, chunk states once per chunk)."""
     n = B * T * H
     token = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
-    states = n / 64 * D * D * 2  # bf16 chunk states (and their gradients)
+    states = n / CHUNK * D * D * 2  # bf16 chunk states (and their gradients)
     forward_inference = n * 4 * token
     forward_training = forward_inference + states
     backward = n * 4 * token + 2 * states  # dh pass: q, f, do in; states out
@@ -169,7 +188,9 @@ def main() -> None:
         row["ours_fwd_bandwidth_fraction"] = traffic["fwd"] / (row["ours_fwd_ms"] * 1e-3) / bandwidth
         row["ours_fwdbwd_bandwidth_fraction"] = traffic["fwdbwd"] / (row["ours_fwdbwd_ms"] * 1e-3) / bandwidth
         rows.append(row)
-        log(str({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        log(str({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "ours_kernels_ms"}))
+        for pass_, kernels in row["ours_kernels_ms"].items():
+            log(f"T {T} {pass_} per kernel: " + ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in kernels.items()))
         write(args.out, device, chunk_gla, bandwidth, errors, rows, args.tokens)
 
 
