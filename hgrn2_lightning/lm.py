@@ -53,6 +53,7 @@ class LanguageModel(TaskModule):
         optim: OptimConfig = OptimConfig(),
         tokenizer: str = "bytes",
         chunked_loss: bool = False,
+        compile_blocks: bool = False,
     ):
         """
         Args:
@@ -63,6 +64,9 @@ class LanguageModel(TaskModule):
             tokenizer: the tokenizer the data used (linked by the CLI); stored so `hgrn2 generate` can decode.
             chunked_loss: compute the head and the loss a chunk of tokens at a time (kernels/cross_entropy.py),
                 never holding the [tokens, vocab] logits: the same loss and gradients in less memory.
+            compile_blocks: compile each block with torch.compile, fusing its norms, activations and residual
+                adds (the scan is one custom op inside it: no graph break). The 24 blocks of the 370M config
+                share one compiled graph; the first step waits for that compilation.
         """
         super().__init__()
         if not vocab_size:
@@ -73,6 +77,9 @@ class LanguageModel(TaskModule):
         self.save_hyperparameters()
         self.optim = optim
         self.model = CausalLM(backbone, vocab_size, tie_embeddings)
+        if compile_blocks:
+            for block in self.model.backbone.blocks:
+                block.compile()
 
     def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
         return self.model(tokens, states)

@@ -186,12 +186,19 @@ def test_training_benchmark_runs_its_cpu_smoke_path(tmp_path):
     assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint16"
 
 
-def test_chunked_loss_trains_like_the_plain_head(tmp_path, corpus):
-    """model.chunked_loss changes how the loss is computed, not what is learned."""
+@pytest.mark.parametrize("option", ["chunked_loss", "compile_blocks"])
+def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option):
+    """model.chunked_loss and model.compile_blocks change how the step is computed, not what is learned
+    (and not the checkpoint's parameter names)."""
     runs = {}
-    for chunked in (False, True):
-        config, run = tiny_lm_config(tmp_path / str(chunked), corpus, max_steps=4, dropout=0.0)
-        main(["fit", "--config", str(config), "--model.init_args.chunked_loss", str(chunked).lower()])
-        runs[chunked] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for enabled in (False, True):
+        config, run = tiny_lm_config(tmp_path / str(enabled), corpus, max_steps=4, dropout=0.0)
+        torch._dynamo.utils.counters.clear()
+        main(["fit", "--config", str(config), f"--model.init_args.{option}", str(enabled).lower()])
+        runs[enabled] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    if option == "compile_blocks":  # it did compile, and whole blocks: no graph breaks
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        assert not torch._dynamo.utils.counters["graph_break"]
+    assert runs[True].keys() == runs[False].keys()
     for name, tensor in runs[False].items():
         torch.testing.assert_close(runs[True][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
