@@ -119,6 +119,16 @@ def bench_ours(sizes: Sizes, device: str, dtype: torch.dtype, result: dict, save
     run = lambda prompts, new_tokens: graphed.generate_ids(prompts, new_tokens, temperature=0)
     result["rows"]["ours"] = measure(run, sizes, device, sizes.repeats, long=True)
     save()
+    log("ours, the decode step compiled (torch.compile) inside the CUDA graph")
+    start = time.perf_counter()
+    compiled = Generator(model, compile_step=True)
+    compiled.generate_ids([[0]], 2, temperature=0)  # compiles and captures batch size 1 ...
+    compiled.generate_ids([[0]] * sizes.batch, 2, temperature=0)  # ... and the batch's size
+    result["ours_compiled_first_call_s"] = time.perf_counter() - start
+    result["ours_compiled_decode_vs_forward_rel_err"] = decode_error(compiled, sizes)
+    run = lambda prompts, new_tokens: compiled.generate_ids(prompts, new_tokens, temperature=0)
+    result["rows"]["ours_compiled"] = measure(run, sizes, device, sizes.repeats, long=False)
+    save()
     if device == "cuda":
         log("ours, eager (no CUDA graph)")
         eager = Generator(model, cuda_graph=False)
@@ -244,6 +254,12 @@ def markdown(result: dict) -> str:
         f"tokens, prefill included. Latency: batch 1, per new token. Our decode path against the full forward: "
         f"relative error {result['ours_decode_vs_forward_rel_err']:.1e}."
     )
+    if "ours_compiled_first_call_s" in result:
+        caption += (
+            f" ours_compiled: the decode step through torch.compile, {result['ours_compiled_first_call_s']:.0f} s"
+            f" to compile and capture batch sizes 1 and {s['batch']}; against the full forward"
+            f" {result['ours_compiled_decode_vs_forward_rel_err']:.1e}."
+        )
     header = (
         f"| model | params (M) | new tokens/s | x fla | prefill ms | step ms (B {s['batch']}) | ms/token (B 1) "
         f"| x fla | peak GiB, {s['new_tokens']} new | peak GiB, {s['long_new_tokens']} new |"
@@ -253,8 +269,9 @@ def markdown(result: dict) -> str:
     for label, r in result["rows"].items():
         speedup = r["new_tokens_per_s"] / fla["new_tokens_per_s"] if fla else None
         latency = fla["latency_ms_per_token"] / r["latency_ms_per_token"] if fla else None
+        params = result["params_m"].get(label.removesuffix("_eager").removesuffix("_compiled"))
         lines.append(
-            f"| {label} | {fmt(result['params_m'].get(label.removesuffix('_eager')), '.1f')} | "
+            f"| {label} | {fmt(params, '.1f')} | "
             f"{r['new_tokens_per_s']:,.0f} | {fmt(speedup, '.1f')} | {r['prefill_ms']:.1f} | "
             f"{r['batch_step_ms']:.3f} | {r['latency_ms_per_token']:.3f} | {fmt(latency, '.1f')} | "
             f"{fmt(r.get(short), '.2f')} | {fmt(r.get(long), '.2f')} |"

@@ -74,6 +74,14 @@ def test_decode_path_logits_equal_the_full_forward(layout):
     assert_decoding_equals_full_forward(generator, prompt_batch(options["lengths"]), steps=6, tolerance=1e-4)
 
 
+def test_compiled_decode_step_equals_the_eager_one():
+    model = tiny_lm()
+    prompts = prompt_batch([1, 17, 40, 3])
+    eager, tokens = decode_logits(Generator(model), prompts, 6)
+    compiled, _ = decode_logits(Generator(model, compile_step=True), prompts, 6, forced=tokens)
+    assert relative_error(compiled, eager) < 1e-5
+
+
 def test_a_prompt_continues_alike_alone_and_in_any_batch():
     """Greedy decoding is deterministic, and no other sequence of the batch leaks into a prompt's states."""
     generator = Generator(tiny_lm())
@@ -246,6 +254,16 @@ def test_gpu_cuda_graph_equals_eager(dtype):
     first = generator.generate_ids(prompts, 16, temperature=0.8, seed=3)
     assert generator.generate_ids(prompts, 16, temperature=0.8, seed=3) == first
     assert len(generator._batches) == 1 and generator._batches[4].graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_compiled_step_in_the_cuda_graph_equals_the_eager_step():
+    model = tiny_lm(device="cuda")
+    prompts = prompt_batch([1, 17, 40, 3])
+    eager, tokens = decode_logits(Generator(model, cuda_graph=False), prompts, 30)
+    compiled, _ = decode_logits(Generator(model, compile_step=True), prompts, 30, forced=tokens)
+    assert relative_error(compiled, eager) < 1e-5
 
 
 @pytest.mark.gpu
