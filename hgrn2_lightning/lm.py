@@ -54,6 +54,7 @@ class LanguageModel(TaskModule):
         tokenizer: str = "bytes",
         chunked_loss: bool = False,
         compile_blocks: bool = False,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -67,6 +68,9 @@ class LanguageModel(TaskModule):
             compile_blocks: compile each block with torch.compile, fusing its norms, activations and residual
                 adds (the scan is one custom op inside it: no graph break). The 24 blocks of the 370M config
                 share one compiled graph; the first step waits for that compilation.
+            activation_checkpointing: keep only each block's input during the forward and recompute the rest
+                in the backward: about a third more compute for much less activation memory (large models,
+                long sequences).
         """
         super().__init__()
         if not vocab_size:
@@ -77,6 +81,7 @@ class LanguageModel(TaskModule):
         self.save_hyperparameters()
         self.optim = optim
         self.model = CausalLM(backbone, vocab_size, tie_embeddings)
+        self.model.backbone.checkpoint_blocks = activation_checkpointing
         if compile_blocks:
             for block in self.model.backbone.blocks:
                 block.compile()

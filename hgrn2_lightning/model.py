@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from kernels import hgrn2_scan, hgrn2_step
@@ -228,6 +229,9 @@ class HGRN2(nn.Module):
         # Zeros give a uniform softmax: layer l starts with bound l / n_layers.
         self.lower_bound_logits = nn.Parameter(torch.zeros(config.n_layers, config.d_model))
         self.final_norm = make_norm(config)
+        # Training memory, not architecture (so not in the config, which checkpoints compare): recompute each
+        # block's activations in the backward instead of keeping them.
+        self.checkpoint_blocks = False
 
     def lower_bounds(self) -> list[Tensor | None]:
         """b_l = sum_{j<l} softmax(Gamma)_j per channel. Layer 0's bound is exactly 0: it gets None."""
@@ -251,7 +255,10 @@ class HGRN2(nn.Module):
         Given `cu_seqlens` [N + 1], x [1, T, d] is N sequences packed end to end, each scanned on its own
         (with `states` of N rows): prompts of different lengths run together with no padding at all."""
         for layer, (block, bound) in enumerate(zip(self.blocks, self.lower_bounds())):
-            x = block(x, bound, None if states is None else states[layer], mask, cu_seqlens)
+            if self.checkpoint_blocks and self.training and states is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, bound, None, mask, cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, bound, None if states is None else states[layer], mask, cu_seqlens)
         return self.final_norm(x)
 
     def scan_flops_per_token(self) -> int:

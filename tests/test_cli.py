@@ -186,13 +186,15 @@ def test_training_benchmark_runs_its_cpu_smoke_path(tmp_path):
     assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint16"
 
 
-@pytest.mark.parametrize("option", ["chunked_loss", "compile_blocks"])
+@pytest.mark.parametrize("option", ["chunked_loss", "compile_blocks", "activation_checkpointing"])
 def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option):
-    """model.chunked_loss and model.compile_blocks change how the step is computed, not what is learned
-    (and not the checkpoint's parameter names)."""
+    """model.chunked_loss, compile_blocks and activation_checkpointing change how the step is computed, not
+    what is learned (nor the checkpoint's parameter names). With dropout: a recomputed block draws the
+    same dropout masks as its forward did."""
     runs = {}
+    dropout = 0.1 if option == "activation_checkpointing" else 0.0
     for enabled in (False, True):
-        config, run = tiny_lm_config(tmp_path / str(enabled), corpus, max_steps=4, dropout=0.0)
+        config, run = tiny_lm_config(tmp_path / str(enabled), corpus, max_steps=4, dropout=dropout)
         torch._dynamo.utils.counters.clear()
         main(["fit", "--config", str(config), f"--model.init_args.{option}", str(enabled).lower()])
         runs[enabled] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

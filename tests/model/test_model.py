@@ -172,3 +172,23 @@ def test_initialisation_follows_the_paper_code():
     assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.backbone.blocks[0].mixer.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert math.isclose(model.backbone.blocks[1].mlp_norm.weight.mean().item(), 1.0)
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_dropout_and_gradients():
+    model = tiny_lm(dropout=0.2).train()
+    tokens = torch.randint(0, 50, (2, 40))
+    grads = []
+    calls = []
+    for block in model.backbone.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    for checkpointing in (False, True):
+        model.backbone.checkpoint_blocks = checkpointing
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(3)
+        model(tokens).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        # Recomputed in the backward: every block runs twice with checkpointing, once without.
+        assert len(calls) == len(model.backbone.blocks) * (2 if checkpointing else 1)
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
