@@ -2,17 +2,22 @@
 
 The gate is fused: the kernels read the forget logits f and the layer's lower bound b and form
 log(lambda) and k = (1 - b) sigmoid(-f) in registers; k is never stored. Time is cut into chunks of
-C tokens. Three kernels:
+C tokens. The forward and the backward are each a light sequential pass over the chunks followed by
+one fully parallel over them:
 
-  forward   one program per (sequence, head, V block) walks its chunks in order, the e x e state
-            in registers: o = scale (q exp(G)) S + (A masked) v with A = (q . k exp(G_t - G_s)),
-            then S <- exp(G_C) S + (k exp(G_C - G))^T v. It also stores the state at every chunk
-            start (and the final state) for the backward: K V / C values per token.
+  states    one program per (sequence, head, K block, V block) walks its chunks in order and only
+            advances the state, S <- exp(G_C) S + (k exp(G_C - G))^T v, storing it at every chunk
+            start (and the final state): K V / C values per token. It reads f and v, never q.
+  outputs   one program per (chunk, head), all chunks in parallel: o = scale (q exp(G)) S + (A masked) v
+            with A = (q . k exp(G_t - G_s)) and S the stored state at the chunk's start.
   dh        one program per (sequence, head, K block, V block) walks the chunks backwards and stores
             the gradient of the state at each chunk end: dS <- exp(G_C) dS + scale (q exp(G))^T do.
   grads     one program per (chunk, head), all chunks in parallel: dq, dk, dv, the gate gradient
             dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
+
+The v2 forward, one program per (sequence, head, V block) doing both in one sequential walk with the
+state in registers, stays beside it until one GPU measurement picks the faster (`FORWARD`).
 
 Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
 chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
@@ -29,6 +34,9 @@ import triton.language as tl
 from torch import Tensor
 
 CHUNK = 32
+FORWARD = "two_pass"
+"""The forward scan_fwd launches: "two_pass" (states, then outputs) or "sequential" (v2). Both are kept for one
+measured comparison on the GPU (kernels/NOTES.md, v3); the slower one is deleted after it."""
 POISON_OUTPUTS = False
 """Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
 ANCHOR_RANGE = tl.constexpr(40.0)
@@ -84,11 +92,38 @@ def _sequence(i_n, T, C: tl.constexpr, cu_seqlens, state_offsets, IS_VARLEN: tl.
 
 
 @triton.jit
-def _rows(p, bos, eos, REVERSE: tl.constexpr):
-    """Memory rows of logical positions p: a reverse scan walks each sequence from its end."""
+def _chunk_of_program(i_c, T, C: tl.constexpr, chunk_table, IS_VARLEN: tl.constexpr):
+    """Sequence and chunk index of program i_c of a chunk-parallel kernel. A packed batch's chunk count is only
+    bounded in advance: its table marks the programs past the last chunk with sequence -1."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_table + 2 * i_c)
+        i_t = tl.load(chunk_table + 2 * i_c + 1)
+    else:
+        n_chunks_per_sequence = tl.cdiv(T, C)
+        i_n = i_c // n_chunks_per_sequence
+        i_t = i_c % n_chunks_per_sequence
+    return i_n, i_t
+
+
+@triton.jit
+def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.constexpr):
+    """Which positions of chunk i_t are inside the sequence, and their memory rows: a reverse scan walks each
+    sequence from its end."""
+    p = i_t * C + offs_c
     if REVERSE:
-        return eos - 1 - p
-    return bos + p
+        return p < length, eos - 1 - p
+    return p < length, bos + p
+
+
+@triton.jit
+def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+                K: tl.constexpr, C: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """The gate of one chunk from its forget logits: `_gate`'s g, k, log sigmoid(+-f), then the cumulative gate G
+    from the chunk's start and its last row G_last, the decay across the whole chunk."""
+    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+    g, k, log_sig, log_sig_neg = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
+    G = tl.cumsum(g, axis=0)
+    return g, k, log_sig, log_sig_neg, G, _row_of(G, offs_c, C - 1)
 
 
 @triton.jit
@@ -118,6 +153,25 @@ def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k:
+    one matmul of OPERAND_DT operands anchored at the middle row when the chunk's gate range allows it, else
+    elementwise. Also whether it was anchored, the anchor row and the anchored operands (q, k themselves on the
+    exact path), which the backward reuses."""
+    G_mid, anchored = _anchor(G, offs_c, valid, C)
+    if anchored:
+        q_mid = (q * tl.exp(G - G_mid[None, :])).to(OPERAND_DT)
+        k_mid = (k * tl.exp(G_mid[None, :] - G)).to(OPERAND_DT)
+        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
+    else:
+        q_mid = q.to(OPERAND_DT)
+        k_mid = k.to(OPERAND_DT)
+        A = _scores_exact(q, k, G, offs_c, C, BK)
+    return A, anchored, G_mid, q_mid, k_mid
+
+
+@triton.jit
 def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
     """dq_t = sum_s dA[t, s] k_s exp(G_t - G_s) and dk_s = sum_t dA[t, s] q_t exp(G_t - G_s), elementwise."""
     dq = tl.zeros([C, BK], dtype=tl.float32)
@@ -131,6 +185,86 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
         dk_s = tl.sum(dA_s[:, None] * q * decay, axis=0)
         dk = tl.where((offs_c == s)[:, None], dk_s[None, :], dk)
     return dq, dk
+
+
+@triton.jit
+def _fwd_states_kernel(
+    f, v, lower_bound, h0, states, final_state, cu_seqlens, state_offsets, stride_f, stride_v, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    offs_c = tl.arange(0, C)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_tile = offs_k[:, None] * V + offs_v[None, :]
+    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(length, C)
+    for i_t in range(0, n_chunks):
+        tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
+                 mask=mask_kv)
+        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+        mask_ck = valid[:, None] & mask_k[None, :]
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+                                            K, C, HAS_BOUND)
+        k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
+                      other=0.0)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
+    # The layout's last slot of a sequence, the state after it, is written too: no slot of the buffer stays garbage.
+    tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
+             mask=mask_kv)
+    if OUTPUT_FINAL:
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
+
+
+@triton.jit
+def _fwd_output_kernel(
+    q, f, v, lower_bound, states, o, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f, stride_v, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
+    if i_n < 0:
+        return
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    DT = q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+    mask_ck = valid[:, None] & mask_k[None, :]
+    causal = offs_c[:, None] >= offs_c[None, :]
+    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+
+    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb, K, C, HAS_BOUND)
+    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
+    A, _, _, _, _ = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
+    A = tl.where(causal, A * scale, 0.0).to(DT)
+    q_inter = (q_t * tl.exp(G) * scale).to(WIDE_DT)
+    state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        mask_cv = valid[:, None] & mask_v[None, :]
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        h_start = tl.load(state_at_start + offs_k[:, None] * V + offs_v[None, :],
+                          mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(WIDE_DT)
+        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
+        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
 
 
 @triton.jit
@@ -163,15 +297,11 @@ def _fwd_kernel(
         if SAVE_STATES:
             tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
                      mask=mask_kv)
-        p = i_t * C + offs_c
-        valid = p < length
-        rows = _rows(p, bos, eos, REVERSE)
+        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
-        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-        g, k, _, _ = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
-        G = tl.cumsum(g, axis=0)
-        G_last = _row_of(G, offs_c, C - 1)
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+                                            K, C, HAS_BOUND)
         G_mid, anchored = _anchor(G, offs_c, valid, C)
         # Registers are the limit here: keep k and q in the input dtype and G alone in float32.
         k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
@@ -226,14 +356,10 @@ def _bwd_dh_kernel(
         i_t = n_chunks - 1 - j
         tl.store(dstates + ((chunk_off + i_t) * H + i_h) * K * V + state_tile, dS.to(dstates.dtype.element_ty),
                  mask=mask_kv)
-        p = i_t * C + offs_c
-        valid = p < length
-        rows = _rows(p, bos, eos, REVERSE)
+        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-        g, _, _, _ = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
-        G = tl.cumsum(g, axis=0)
-        G_last = _row_of(G, offs_c, C - 1)
+        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+                                            K, C, HAS_BOUND)
         q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
@@ -252,15 +378,9 @@ def _bwd_kernel(
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_table + 2 * i_c)
-        i_t = tl.load(chunk_table + 2 * i_c + 1)
-        if i_n < 0:
-            return
-    else:
-        n_chunks_per_sequence = tl.cdiv(T, C)
-        i_n = i_c // n_chunks_per_sequence
-        i_t = i_c % n_chunks_per_sequence
+    i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
+    if i_n < 0:
+        return
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
     length = eos - bos
     chunk = state_off - i_n + i_t
@@ -268,28 +388,16 @@ def _bwd_kernel(
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     mask_k = offs_k < K
-    p = i_t * C + offs_c
-    valid = p < length
-    rows = _rows(p, bos, eos, REVERSE)
+    valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
     mask_ck = valid[:, None] & mask_k[None, :]
     causal = offs_c[:, None] >= offs_c[None, :]
     log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
 
-    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-    g, k, log_sig, log_sig_neg = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
-    G = tl.cumsum(g, axis=0)
-    G_last = _row_of(G, offs_c, C - 1)
+    g, k, log_sig, log_sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b,
+                                                        log_1mb, K, C, HAS_BOUND)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
     q_t = q_t.to(tl.float32)
-    G_mid, anchored = _anchor(G, offs_c, valid, C)
-    if anchored:
-        q_mid = (q_t * tl.exp(G - G_mid[None, :])).to(ANCHORED_DT)
-        k_mid = (k * tl.exp(G_mid[None, :] - G)).to(ANCHORED_DT)
-        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
-    else:
-        q_mid = q_t.to(ANCHORED_DT)
-        k_mid = k.to(ANCHORED_DT)
-        A = _scores_exact(q_t, k, G, offs_c, C, BK)
+    A, anchored, G_mid, q_mid, k_mid = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
 
@@ -425,6 +533,13 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
+def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layout, reverse: bool) -> dict:
+    """What every scan kernel is specialised on."""
+    _, _, H, K = q.shape
+    return dict(H=H, K=K, V=v.shape[-1], C=CHUNK, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
+                REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)))
+
+
 @torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
@@ -438,19 +553,34 @@ def scan_fwd(
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
-    states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q), device=q.device)
+    two_pass = FORWARD == "two_pass"
+    # The two-pass forward reads its chunk states back: it stores them even when the backward will not need them.
+    states = _empty(layout.n_states if save_states or two_pass else 0, H, K, V, dtype=_wide_dtype(q), device=q.device)
     BK, BV = _block(K), min(64, _block(V))
     dummy = q.new_empty(0)
+    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
+    h0 = dummy if initial_state is None else initial_state.float().contiguous()
+    common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        _fwd_kernel[(triton.cdiv(V, BV), N * H)](
-            q, f, v, dummy if lower_bound is None else lower_bound.float().contiguous(),
-            dummy if initial_state is None else initial_state.float().contiguous(), o, states, final,
-            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T,
-            H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, HAS_BOUND=lower_bound is not None,
-            HAS_H0=initial_state is not None, SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state,
-            IS_VARLEN=layout.is_varlen, REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)),
-            **_launch(BK),
-        )
+        if two_pass:
+            BK_states = min(64, BK)
+            _fwd_states_kernel[(triton.cdiv(K, BK_states), triton.cdiv(V, BV), N * H)](
+                f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
+                BK=BK_states, BV=BV, HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state,
+                num_warps=4, num_stages=2, **common,
+            )
+            _fwd_output_kernel[(layout.n_chunks, H)](
+                q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
+                q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV, **_launch(BK), **common,
+            )
+        else:
+            _fwd_kernel[(triton.cdiv(V, BV), N * H)](
+                q, f, v, bound, h0, o, states, final, layout.cu_seqlens, layout.state_offsets,
+                q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV, HAS_H0=initial_state is not None,
+                SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state, **_launch(BK), **common,
+            )
+    if two_pass and not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
+        states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
     return o, final, states
 
 
@@ -489,8 +619,7 @@ def scan_bwd(
                             device=q.device)
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
-    common = dict(H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
-                  REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)))
+    common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         BK_dh = min(64, BK)
         _bwd_dh_kernel[(triton.cdiv(K, BK_dh), triton.cdiv(V, BV), N * H)](
@@ -498,10 +627,9 @@ def scan_bwd(
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
             BK=BK_dh, BV=BV, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, num_warps=4, **common,
         )
-        grid = (layout.n_chunks if layout.is_varlen else N * triton.cdiv(T, CHUNK), H)
         # float32 tiles of a 256-wide head need 244 KiB of shared memory at BV 64 (sm_90 allows 227): halve BV.
         BV_grads = BV // 2 if BK >= 256 and q.dtype == torch.float32 else BV
-        _bwd_kernel[grid](
+        _bwd_kernel[(layout.n_chunks, H)](
             q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
             layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV_grads, **_launch(BK),
             ANCHORED_DT=tl.float32, **common,

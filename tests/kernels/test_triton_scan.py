@@ -18,6 +18,14 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_scan, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(params=["two_pass", "sequential"])
+def forward(request, monkeypatch):
+    """Both forwards, until one GPU measurement picks one (kernels/NOTES.md, v3). The backward reads the chunk
+    states each stores, so the gradients check those too. The GPU tests run the module's default."""
+    monkeypatch.setattr(triton_scan, "FORWARD", request.param)
+    return request.param
+
+
 def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_shift=0.0, gate_scale=1.0,
                         bounded=True, initial_state=True, reverse=False, lengths=None, transpose_inputs=False,
                         outputs=False):
@@ -85,12 +93,12 @@ INTERPRETER_CASES = {
 
 @pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=list(INTERPRETER_CASES))
-def test_interpreted_kernels_match_the_oracle(case):
+def test_interpreted_kernels_match_the_oracle(case, forward):
     assert_close_to_oracle(compare_with_oracle(**INTERPRETER_CASES[case]), torch.float32)
 
 
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
-def test_interpreted_kernels_in_float16():
+def test_interpreted_kernels_in_float16(forward):
     assert_close_to_oracle(compare_with_oracle(T=70, dtype=torch.float16), torch.float16)
 
 
@@ -108,8 +116,27 @@ def assert_float16_near_zero_gates(**case):
 
 
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
-def test_interpreted_kernels_in_float16_with_gates_near_0():
+def test_interpreted_kernels_in_float16_with_gates_near_0(forward):
     assert_float16_near_zero_gates(T=100, H=1)
+
+
+def test_forward_without_grad_keeps_no_states(forward):
+    """Inference: the op returns no chunk states (the two-pass forward still stores them for its second pass),
+    and o and the final state are right, here packed, reversed and from an initial state."""
+    lengths, H, K = [40, 1, 60], 2, 16
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    q, f, i = (torch.randn(1, sum(lengths), H, K, device=DEVICE) for _ in range(3))
+    b = torch.rand(H, K, device=DEVICE) * 0.9
+    h0 = torch.randn(len(lengths), H, K, K, device=DEVICE)
+    with torch.no_grad():
+        _, _, states = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True)
+        ours = hgrn2_scan(q, f, i, b, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+                          reverse=True, backend="triton")
+    exact = hgrn2_scan(*(x.double() for x in (q, f, i, b)), initial_state=h0.double(), output_final_state=True,
+                       cu_seqlens=cu_seqlens, reverse=True, backend="naive")
+    assert states.numel() == 0
+    errors = {name: relative_error(x, y) for name, x, y in zip(["o", "final_state"], ours, exact)}
+    assert_close_to_oracle(errors, torch.float32)
 
 
 def test_custom_op_compiles_without_graph_break():
