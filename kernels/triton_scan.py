@@ -188,27 +188,48 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_states_kernel(
-    f, v, lower_bound, h0, states, final_state, cu_seqlens, state_offsets, stride_f, stride_v, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
-):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _state_tile_program(i_k, i_v, i_nh, T, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a sequential kernel's program owns: the [BK, BV] tile (K block i_k, V block i_v) of the state of
+    sequence and head i_nh. Its head, sequence bounds and chunk-state offset, the tile's offsets and masks, and
+    log(b), log(1 - b) of its K channels."""
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
-    length = eos - bos
-    offs_c = tl.arange(0, C)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < K, offs_v < V
     mask_kv = mask_k[:, None] & mask_v[None, :]
     state_tile = offs_k[:, None] * V + offs_v[None, :]
     log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    return i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb
 
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+
+@triton.jit
+def _initial_tile(x, i_nh, state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, GIVEN: tl.constexpr):
+    """The program's tile of a float32 [N, H, K, V] state (an initial state or a final state's gradient), zeros
+    when none is given."""
+    tile = tl.zeros([BK, BV], dtype=tl.float32)
+    if GIVEN:
+        tile += tl.load(x + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _fwd_states_kernel(
+    f, v, lower_bound, h0, states, final_state, cu_seqlens, state_offsets, stride_f, stride_v, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+):
+    i_nh = tl.program_id(2)
+    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb = (
+        _state_tile_program(tl.program_id(0), tl.program_id(1), i_nh, T, cu_seqlens, state_offsets, lower_bound,
+                            H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
+    length = eos - bos
+    offs_c = tl.arange(0, C)
+    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
     n_chunks = tl.cdiv(length, C)
     for i_t in range(0, n_chunks):
         tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
@@ -275,23 +296,15 @@ def _fwd_kernel(
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    i_nh = tl.program_id(1)
+    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb = (
+        _state_tile_program(0, tl.program_id(0), i_nh, T, cu_seqlens, state_offsets, lower_bound,
+                            H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
     DT = q.dtype.element_ty
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_k, mask_v = offs_k < K, offs_v < V
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    state_tile = offs_k[:, None] * V + offs_v[None, :]
-    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
     causal = offs_c[:, None] >= offs_c[None, :]
-
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
     n_chunks = tl.cdiv(length, C)
     for i_t in range(0, n_chunks):
         if SAVE_STATES:
@@ -335,22 +348,14 @@ def _bwd_dh_kernel(
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    i_nh = tl.program_id(2)
+    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb = (
+        _state_tile_program(tl.program_id(0), tl.program_id(1), i_nh, T, cu_seqlens, state_offsets, lower_bound,
+                            H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
     offs_c = tl.arange(0, C)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_k, mask_v = offs_k < K, offs_v < V
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    state_tile = offs_k[:, None] * V + offs_v[None, :]
-    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DFINAL:
-        dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    dS = _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL)
     n_chunks = tl.cdiv(length, C)
     for j in range(0, n_chunks):
         i_t = n_chunks - 1 - j
