@@ -1,0 +1,114 @@
+"""Compiles every Triton launch of the scan and decode ops for an H100 (sm_90a) on a machine without a GPU.
+
+The interpreter that runs the kernels in CI executes them as Python: it accepts code the compiler refuses
+(a loop-carried name that changes type, for one) and knows nothing of registers or shared memory. Here the
+ops run on CPU tensors with Triton's launch intercepted: each launch they would make (the kernel, its
+argument types and the specialisation and launch options the dispatch chose) is compiled through Triton
+and ptxas for sm_90a instead. Run in a process without TRITON_INTERPRET (tests/kernels/test_sm90_compile.py):
+
+    python -m tests.kernels.sm90_launches     prints one JSON line per launch
+"""
+
+import json
+import os
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import KernelInterface
+
+SHARED_MEMORY_LIMIT = 227 * 1024
+"""Bytes of shared memory one block may use on sm_90."""
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64"}
+
+
+def record_launches(run) -> list[tuple]:
+    """The (kernel, arguments, keyword arguments) of every launch `run()` makes; none is executed."""
+    launches = []
+    original = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+    try:
+        run()
+    finally:
+        KernelInterface.__getitem__ = original
+    return launches
+
+
+def compile_for_sm90(kernel, args, kwargs) -> dict:
+    """Compiles one recorded launch as the runtime would specialise it: pointers and multiples of 16 marked
+    16-divisible, the constexprs and num_warps / num_stages the dispatch passed."""
+    names = kernel.arg_names
+    constexprs = {(names.index(name),): value for name, value in kwargs.items() if name in names}
+    options = {name: value for name, value in kwargs.items() if name not in names}
+    signature, attrs = {}, {}
+    for index, (name, value) in enumerate(zip(names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    for name in names[len(args):]:
+        signature[name] = "constexpr"
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return {"kernel": kernel.__name__, "shared_bytes": compiled.metadata.shared, **options,
+            **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
+
+
+def scan_training_step(dtype: torch.dtype, K: int, forward: str = "two_pass", **options):
+    """Forward with states for the backward, then the backward, as autograd calls them."""
+    import kernels.triton_scan
+    from kernels.triton_scan import scan_bwd, scan_fwd
+
+    def run():
+        kernels.triton_scan.FORWARD = forward
+        B, T, H = 2, 100, 2
+        q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
+        bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
+        cu_seqlens = options.get("cu_seqlens")
+        _, _, states = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, options.get("reverse", False), True, True)
+        scan_bwd(q, f, v, bound, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0,
+                 options.get("reverse", False), True)
+
+    return run
+
+
+def decode(dtype: torch.dtype, K: int):
+    from kernels.triton_decode import decode_step
+
+    def run():
+        q, f, i = (torch.zeros(4, 1, 2, K, dtype=dtype) for _ in range(3))
+        decode_step(q, f, i, torch.zeros(2, K), torch.zeros(4, 2, K, K), 1.0)
+
+    return run
+
+
+CASES = {
+    "bf16 K128": scan_training_step(torch.bfloat16, 128),
+    "bf16 K128 packed reverse": scan_training_step(
+        torch.bfloat16, 128, cu_seqlens=torch.tensor([0, 37, 200], dtype=torch.int32), reverse=True),
+    "fp16 K128": scan_training_step(torch.float16, 128),
+    "fp32 K256": scan_training_step(torch.float32, 256),
+    "bf16 K16": scan_training_step(torch.bfloat16, 16),
+    "bf16 K128 sequential forward": scan_training_step(torch.bfloat16, 128, forward="sequential"),
+    "decode bf16 K128": decode(torch.bfloat16, 128),
+}
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET"):
+        raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels rather than interpreting them")
+    for case, run in CASES.items():
+        for launch in record_launches(run):
+            print(json.dumps({"case": case, **compile_for_sm90(*launch)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

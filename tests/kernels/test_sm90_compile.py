@@ -1,0 +1,27 @@
+"""Every Triton launch of the scan and decode ops compiles for the H100 (sm_90a) within its shared memory,
+checked on the CPU: the interpreter that runs the kernels elsewhere in CI accepts code the compiler refuses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.kernels.sm90_launches import CASES, SHARED_MEMORY_LIMIT
+
+ROOT = Path(__file__).resolve().parents[2]
+SCAN_KERNELS = 4  # states + outputs (or the sequential forward alone), dh, grads
+
+
+def test_every_launch_compiles_for_sm90_within_shared_memory():
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_launches"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    launches = [json.loads(line) for line in result.stdout.splitlines()]
+    per_case = {case: [launch for launch in launches if launch["case"] == case] for case in CASES}
+    for case, compiled in per_case.items():
+        expected = 1 if case.startswith("decode") else SCAN_KERNELS - case.endswith("sequential forward")
+        assert len(compiled) == expected, (case, [launch["kernel"] for launch in compiled])
+    too_big = [launch for launch in launches if launch["shared_bytes"] > SHARED_MEMORY_LIMIT]
+    assert not too_big, too_big
