@@ -78,9 +78,14 @@ def correctness(T: int = 1000) -> dict:
         o, _ = hgrn2_scan(*xs, backend=backend)
         grads = torch.autograd.grad((o.double() * do).sum(), xs)
         outs[backend] = [o, *grads]
-    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     names = ["o", "dq", "df", "di", "dlower_bound"]
-    return {name: rel(a, b) for name, a, b in zip(names, outs["triton"], outs["naive"])}
+    return {name: relative(a, b) for name, a, b in zip(names, outs["triton"], outs["naive"])}
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def log(message: str) -> None:

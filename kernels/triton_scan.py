@@ -471,10 +471,26 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch(BK: int) -> dict:
-    """Eight warps for wide heads (with four, the [C, K] tiles of K = 128 spill registers, ptxas -v);
-    no software pipelining at K = 256, whose staged tiles would exceed the 227 KB of shared memory."""
-    return {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
+TILE_OVERRIDES: dict[str, dict] = {}
+"""Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""
+
+
+def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of one kernel ("states", "output", "sequential", "dh", "grads") for a head
+    size and input dtype. The chunk-parallel kernels hold the whole K; the sequential ones a 64-wide K block.
+    Eight warps where a [C, K] tile is 128 wide (with four, the grads kernel's tiles spill, ptxas -v); no
+    software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and for float32
+    at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
+    BK, BV = _block(K), min(64, _block(V))
+    wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
+    tiles = {
+        "states": dict(BK=min(64, BK), BV=BV, num_warps=4, num_stages=2),
+        "output": dict(BK=BK, BV=BV, **wide),
+        "sequential": dict(BK=BK, BV=BV, **wide),
+        "dh": dict(BK=min(64, BK), BV=BV, num_warps=4, num_stages=3),
+        "grads": dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV, **wide),
+    }
+    return {**tiles[kernel], **TILE_OVERRIDES.get(kernel, {})}
 
 
 def _row_stride(x: Tensor) -> Tensor:
@@ -561,28 +577,27 @@ def scan_fwd(
     two_pass = FORWARD == "two_pass"
     # The two-pass forward reads its chunk states back: it stores them even when the backward will not need them.
     states = _empty(layout.n_states if save_states or two_pass else 0, H, K, V, dtype=_wide_dtype(q), device=q.device)
-    BK, BV = _block(K), min(64, _block(V))
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         if two_pass:
-            BK_states = min(64, BK)
-            _fwd_states_kernel[(triton.cdiv(K, BK_states), triton.cdiv(V, BV), N * H)](
+            tiles = _tiles("states", K, V, q.dtype)
+            _fwd_states_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), N * H)](
                 f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
-                BK=BK_states, BV=BV, HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state,
-                num_warps=4, num_stages=2, **common,
+                HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, **tiles, **common,
             )
             _fwd_output_kernel[(layout.n_chunks, H)](
                 q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
-                q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV, **_launch(BK), **common,
+                q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("output", K, V, q.dtype), **common,
             )
         else:
-            _fwd_kernel[(triton.cdiv(V, BV), N * H)](
+            tiles = _tiles("sequential", K, V, q.dtype)
+            _fwd_kernel[(triton.cdiv(V, tiles["BV"]), N * H)](
                 q, f, v, bound, h0, o, states, final, layout.cu_seqlens, layout.state_offsets,
-                q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV, HAS_H0=initial_state is not None,
-                SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state, **_launch(BK), **common,
+                q.stride(1), f.stride(1), v.stride(1), scale, T, HAS_H0=initial_state is not None,
+                SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state, **tiles, **common,
             )
     if two_pass and not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
@@ -614,7 +629,6 @@ def scan_bwd(
     V = v.shape[-1]
     layout = _Layout(B, T, cu_seqlens, q.device)
     N = layout.n_sequences
-    BK, BV = _block(K), min(64, _block(V))
     dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q), device=q.device)
     dh0 = _empty(N if want_dh0 else 0, H, K, V, dtype=torch.float32, device=q.device)
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
@@ -626,17 +640,15 @@ def scan_bwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        BK_dh = min(64, BK)
-        _bwd_dh_kernel[(triton.cdiv(K, BK_dh), triton.cdiv(V, BV), N * H)](
+        tiles = _tiles("dh", K, V, q.dtype)
+        _bwd_dh_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), N * H)](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
-            BK=BK_dh, BV=BV, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, num_warps=4, **common,
+            HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, **tiles, **common,
         )
-        # float32 tiles of a 256-wide head need 244 KiB of shared memory at BV 64 (sm_90 allows 227): halve BV.
-        BV_grads = BV // 2 if BK >= 256 and q.dtype == torch.float32 else BV
         _bwd_kernel[(layout.n_chunks, H)](
             q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
-            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, BK=BK, BV=BV_grads, **_launch(BK),
+            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("grads", K, V, q.dtype),
             ANCHORED_DT=tl.float32, **common,
         )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()

@@ -1,6 +1,11 @@
 """The Triton scan against the float64 oracle: on the CPU through Triton's interpreter (small shapes,
 in `make test`), and on a GPU the full matrix (`make test-gpu`), with fla's chunk_gla as a second opinion."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -198,3 +203,18 @@ def test_gpu_kernels_agree_with_fla():
     log_lambda = torch.logaddexp(b.log(), torch.log1p(-b) + torch.nn.functional.logsigmoid(f.float()))
     theirs, _ = fla_gla.chunk_gla(q, (1 - log_lambda.exp()).to(q.dtype), i, log_lambda, scale=K**-0.5)
     assert relative_error(ours, theirs) < 1e-2
+
+
+@pytest.mark.skipif(GPU, reason="the GPU runs the sweep itself")
+def test_tile_sweep_runs_its_cpu_smoke_path(tmp_path):
+    """benchmarks/scan_sweep.py, which picks the kernels' tile sizes on a GPU: every kernel's launch can be
+    overridden, and an override changes only the order of the sums."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "benchmarks/scan_sweep.py", "--smoke", "--out", str(tmp_path)], cwd=root,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels = json.loads((tmp_path / "scan-sweep-cpu.json").read_text())["kernels"]
+    assert set(kernels) == {"states", "output", "sequential", "dh", "grads"}
+    for kernel in kernels.values():
+        (rows,) = kernel["rows"].values()
+        assert all(row["max_rel_diff"] < 1e-5 for row in rows), rows

@@ -1,0 +1,127 @@
+"""Times each scan kernel over alternative tile sizes and launch options, to choose `kernels.triton_scan._tiles`.
+
+At the record shape (H 16, K = V = 128, bf16, 32768 tokens) for each length of --lengths, every candidate
+of CANDIDATES replaces one kernel's launch (`TILE_OVERRIDES`), and that kernel's own GPU time per call is
+read from torch.profiler over forward + backward. The sequential kernels' parallelism depends on B (T 16K
+leaves B = 2), the chunk-parallel ones' does not. Each candidate's outputs and gradients are compared with
+the default launch's: a tiling changes only the order of float sums, so they must agree to bf16 rounding.
+A candidate that does not fit the GPU (registers, shared memory) is recorded as such.
+
+    python benchmarks/scan_sweep.py [--lengths 2048 16384] [--out benchmarks/results]
+    python benchmarks/scan_sweep.py --smoke     CPU interpreter, tiny shape, one candidate per kernel
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+import triton
+
+import kernels.triton_scan as triton_scan
+from kernels import hgrn2_scan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a package)
+
+KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "sequential": "_fwd_kernel",
+                "dh": "_bwd_dh_kernel", "grads": "_bwd_kernel"}
+
+
+def _grid(**axes) -> list[dict]:
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+CANDIDATES = {
+    "states": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
+    "dh": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
+    "output": _grid(BV=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
+    "sequential": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[3]),
+}
+
+
+def training_step(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: str):
+    """fwd + bwd of the scan on fixed random inputs; returns the output and every gradient."""
+    torch.manual_seed(0)
+    q, f, i = (torch.randn(B, T, H, K, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    b = (torch.rand(H, K, device=device) * 0.5 + 0.25).requires_grad_()
+    do = torch.randn(B, T, H, K, device=device, dtype=dtype)
+
+    def step() -> list[torch.Tensor]:
+        o, _ = hgrn2_scan(q, f, i, b, backend="triton")
+        return [o.detach(), *torch.autograd.grad(o, (q, f, i, b), do)]
+
+    return step
+
+
+def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
+    """One row per candidate: its launch, the kernel's milliseconds per call (timed runs), its largest
+    relative difference from the default launch, or why it failed."""
+    triton_scan.FORWARD = "sequential" if kernel == "sequential" else "two_pass"
+    reference = step()
+    rows = []
+    for candidate in candidates:
+        triton_scan.TILE_OVERRIDES[kernel] = candidate
+        row = dict(candidate)
+        try:
+            outputs = step()
+            row["max_rel_diff"] = max(relative(a, b) for a, b in zip(outputs, reference))
+            if timed:
+                row["ms"] = kernel_ms(step).get(KERNEL_NAMES[kernel])
+        except Exception as error:  # a launch that does not fit this GPU is a result, not a crash
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        finally:
+            triton_scan.TILE_OVERRIDES.clear()
+        rows.append(row)
+        print(kernel, row, flush=True)
+    triton_scan.FORWARD = "two_pass"
+    return rows
+
+
+def best(rows_by_length: dict[int, list[dict]]) -> dict | None:
+    """The candidate with the smallest total time over the lengths, among those that ran everywhere."""
+    totals = {}
+    for rows in rows_by_length.values():
+        for row in rows:
+            key = json.dumps({k: v for k, v in row.items() if k not in ("ms", "max_rel_diff", "error")})
+            ms = row.get("ms")
+            totals[key] = totals.get(key, 0.0) + (ms if ms is not None and row["max_rel_diff"] < 1e-2 else float("inf"))
+    key, total = min(totals.items(), key=lambda item: item[1], default=(None, float("inf")))
+    return None if key is None or total == float("inf") else {**json.loads(key), "total_ms": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
+    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, one candidate each")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    lengths = [40] if args.smoke else args.lengths
+    result = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "date": date.today().isoformat(),
+              "torch": torch.__version__, "triton": triton.__version__, "kernels": {}}
+    for kernel in args.kernels:
+        candidates = CANDIDATES[kernel][:1] if args.smoke else CANDIDATES[kernel]
+        by_length = {}
+        for T in lengths:
+            B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, 16, 128)
+            step = training_step(B, T, H, K, torch.float32 if args.smoke else torch.bfloat16, device)
+            by_length[T] = sweep(kernel, candidates, step, timed=not args.smoke)
+        result["kernels"][kernel] = {"default": triton_scan._tiles(kernel, 128, 128, torch.bfloat16),
+                                     "rows": by_length, "best": best(by_length)}
+        print(kernel, "default", result["kernels"][kernel]["default"], "best", result["kernels"][kernel]["best"],
+              flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = "cpu" if args.smoke else result["device"].replace("NVIDIA ", "").split()[0].lower()
+        (out / f"scan-sweep-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
