@@ -44,35 +44,34 @@ ANCHOR_RANGE = tl.constexpr(40.0)
 
 
 @triton.jit
-def _log1p_small(x):
-    """log(1 + x) for x in [0, 1], accurate near 0 where log(1 + x) rounds to 0."""
-    return tl.where(x < 1e-4, x * (1 - 0.5 * x), tl.log(1 + x))
+def _gate(f, b, one_minus_b, mask, HAS_BOUND: tl.constexpr):
+    """g = log(lambda) and k = 1 - lambda from fp32 logits f, with sigmoid(f) and sigmoid(-f) for the backward;
+    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f).
 
-
-@triton.jit
-def _gate(f, log_b, log_1mb, mask, HAS_BOUND: tl.constexpr):
-    """g = log(lambda) and k = 1 - lambda from fp32 logits f; also log sigmoid(+-f). Zero where masked."""
-    tail = _log1p_small(tl.exp(-tl.abs(f)))
-    log_sig = tl.minimum(f, 0.0) - tail
-    log_sig_neg = tl.minimum(-f, 0.0) - tail
+    Three special-function operations per element (an exponential, a reciprocal, a logarithm), which is
+    what bounds the kernels' arithmetic: each computes the gate of every element it touches. g is right to
+    an absolute 1e-7, which is what its uses need (exp of sums of g; the gradients go through sigmoid(+-f)):
+    lambda is a sum of positive terms, never a difference; without a bound, g = min(f, 0) - log(1 + e^-|f|)
+    holds even where sigmoid(f) underflows."""
+    e = tl.exp(-tl.abs(f))
+    r = 1 / (1 + e)  # sigmoid(|f|)
+    sig = tl.where(f >= 0, r, e * r)
+    sig_neg = tl.where(f >= 0, e * r, r)
     if HAS_BOUND:
-        x = log_b[None, :] + tl.zeros_like(f)
-        y = log_1mb[None, :] + log_sig
-        hi = tl.maximum(x, y)
-        g = hi + _log1p_small(tl.exp(tl.minimum(x, y) - hi))
-        k = tl.exp(log_1mb[None, :] + log_sig_neg)
+        k = one_minus_b[None, :] * sig_neg
+        g = tl.log(b[None, :] + one_minus_b[None, :] * sig)
     else:
-        g = log_sig
-        k = tl.exp(log_sig_neg)
-    return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), log_sig, log_sig_neg
+        k = sig_neg
+        g = tl.minimum(f, 0.0) - tl.log(1 + e)
+    return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg
 
 
 @triton.jit
 def _bound(lower_bound, i_h, offs_k, mask_k, K: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log(b) and log(1 - b) of the head's K channels (zeros when there is no bound)."""
+    """b and 1 - b of the head's K channels (unused zeros when there is no bound)."""
     if HAS_BOUND:
         b = tl.load(lower_bound + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        return tl.log(b), tl.log(1 - b)
+        return b, 1 - b
     zero = tl.zeros([BK], dtype=tl.float32)
     return zero, zero
 
@@ -116,14 +115,14 @@ def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
                 K: tl.constexpr, C: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """The gate of one chunk from its forget logits: `_gate`'s g, k, log sigmoid(+-f), then the cumulative gate G
+    """The gate of one chunk from its forget logits: `_gate`'s g, k, sigmoid(+-f), then the cumulative gate G
     from the chunk's start and its last row G_last, the decay across the whole chunk."""
     f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-    g, k, log_sig, log_sig_neg = _gate(f_t.to(tl.float32), log_b, log_1mb, mask_ck, HAS_BOUND)
+    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck, HAS_BOUND)
     G = tl.cumsum(g, axis=0)
-    return g, k, log_sig, log_sig_neg, G, _row_of(G, offs_c, C - 1)
+    return g, k, sig, sig_neg, G, _row_of(G, offs_c, C - 1)
 
 
 @triton.jit
@@ -193,7 +192,7 @@ def _state_tile_program(i_k, i_v, i_nh, T, cu_seqlens, state_offsets, lower_boun
                         HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr):
     """What a sequential kernel's program owns: the [BK, BV] tile (K block i_k, V block i_v) of the state of
     sequence and head i_nh. Its head, sequence bounds and chunk-state offset, the tile's offsets and masks, and
-    log(b), log(1 - b) of its K channels."""
+    b and 1 - b of its K channels."""
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -201,8 +200,8 @@ def _state_tile_program(i_k, i_v, i_nh, T, cu_seqlens, state_offsets, lower_boun
     mask_k, mask_v = offs_k < K, offs_v < V
     mask_kv = mask_k[:, None] & mask_v[None, :]
     state_tile = offs_k[:, None] * V + offs_v[None, :]
-    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-    return i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb
+    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    return i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b
 
 
 @triton.jit
@@ -224,7 +223,7 @@ def _fwd_states_kernel(
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_nh = tl.program_id(2)
-    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb = (
+    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
         _state_tile_program(tl.program_id(0), tl.program_id(1), i_nh, T, cu_seqlens, state_offsets, lower_bound,
                             H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
@@ -236,7 +235,7 @@ def _fwd_states_kernel(
                  mask=mask_kv)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
                                             K, C, HAS_BOUND)
         k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
@@ -269,9 +268,9 @@ def _fwd_output_kernel(
     valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
     mask_ck = valid[:, None] & mask_k[None, :]
     causal = offs_c[:, None] >= offs_c[None, :]
-    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
 
-    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb, K, C, HAS_BOUND)
+    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C, HAS_BOUND)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     A, _, _, _, _ = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
@@ -297,7 +296,7 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_nh = tl.program_id(1)
-    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb = (
+    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
         _state_tile_program(0, tl.program_id(0), i_nh, T, cu_seqlens, state_offsets, lower_bound,
                             H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
@@ -313,7 +312,7 @@ def _fwd_kernel(
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
                                             K, C, HAS_BOUND)
         G_mid, anchored = _anchor(G, offs_c, valid, C)
         # Registers are the limit here: keep k and q in the input dtype and G alone in float32.
@@ -349,7 +348,7 @@ def _bwd_dh_kernel(
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     i_nh = tl.program_id(2)
-    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, log_b, log_1mb = (
+    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
         _state_tile_program(tl.program_id(0), tl.program_id(1), i_nh, T, cu_seqlens, state_offsets, lower_bound,
                             H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
@@ -363,7 +362,7 @@ def _bwd_dh_kernel(
                  mask=mask_kv)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b, log_1mb,
+        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
                                             K, C, HAS_BOUND)
         q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
@@ -396,10 +395,10 @@ def _bwd_kernel(
     valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
     mask_ck = valid[:, None] & mask_k[None, :]
     causal = offs_c[:, None] >= offs_c[None, :]
-    log_b, log_1mb = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
 
-    g, k, log_sig, log_sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, log_b,
-                                                        log_1mb, K, C, HAS_BOUND)
+    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b,
+                                                        one_minus_b, K, C, HAS_BOUND)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
     q_t = q_t.to(tl.float32)
     A, anchored, G_mid, q_mid, k_mid = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
@@ -457,13 +456,17 @@ def _bwd_kernel(
     state_term = tl.exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
     dG = tl.where(mask_ck, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
     dg = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + state_term[None, :]
-    # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): chain rule through f and b.
-    slope = tl.exp(log_1mb[None, :] + log_sig + log_sig_neg)
-    df_t = dg * tl.exp(log_1mb[None, :] + log_sig + log_sig_neg - g) - dk_t * slope
-    tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
+    # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): chain rule through f and b, with
+    # d log(lambda) / d lambda = exp(-g) (without a bound d log sigmoid(f) / df is sigmoid(-f) itself).
     if HAS_BOUND:
-        db_t = dg * tl.exp(log_sig_neg - g) - dk_t * tl.exp(log_sig_neg)
+        slope = one_minus_b[None, :] * sig * sig_neg  # d lambda / df = -dk / df
+        inverse_lambda = tl.exp(-g)
+        df_t = (dg * inverse_lambda - dk_t) * slope
+        db_t = (dg * inverse_lambda - dk_t) * sig_neg
         tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
+    else:
+        df_t = (dg - dk_t * sig) * sig_neg
+    tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
 
 
 def _block(n: int) -> int:
