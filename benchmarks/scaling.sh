@@ -68,6 +68,7 @@ for run, checkpoint in (("ddp2", "step20"), ("from-ddp2-on-1gpu", None), ("from-
     report[run] = {"global_step": state["global_step"], "losses": losses}
     print(run, "step", state["global_step"], "losses", " ".join(f"{x:.4f}" for x in losses))
 one, two = report["from-ddp2-on-1gpu"]["losses"], report["from-ddp2-on-ddp2"]["losses"]
+assert len(one) == len(two), f"{len(one)} and {len(two)} step losses: the runs did not take the same steps"
 report["max_relative_difference_after_resume"] = max(abs(a - b) / abs(b) for a, b in zip(one, two))
 print("resumed on 1 GPU vs on 2: max relative loss difference", report["max_relative_difference_after_resume"])
 (root / "resume.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -8,7 +8,7 @@ the default launch's: a tiling changes only the order of float sums, so they mus
 A candidate that does not fit the GPU (registers, shared memory) is recorded as such.
 
     python benchmarks/scan_sweep.py [--lengths 2048 16384] [--out benchmarks/results]
-    python benchmarks/scan_sweep.py --smoke     CPU interpreter, tiny shape, one candidate per kernel
+    python benchmarks/scan_sweep.py --smoke     CPU interpreter, tiny shape, two launches per kernel
 """
 
 import argparse
@@ -61,6 +61,7 @@ def training_step(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: st
 def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
     """One row per candidate: its launch, the kernel's milliseconds per call (timed runs), its largest
     relative difference from the default launch, or why it failed."""
+    forward = triton_scan.FORWARD
     triton_scan.FORWARD = "sequential" if kernel == "sequential" else "two_pass"
     reference = step()
     rows = []
@@ -78,7 +79,7 @@ def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
             triton_scan.TILE_OVERRIDES.clear()
         rows.append(row)
         print(kernel, row, flush=True)
-    triton_scan.FORWARD = "two_pass"
+    triton_scan.FORWARD = forward
     return rows
 
 
@@ -100,21 +101,23 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
     parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, one candidate each")
+    parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, two launches per kernel")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     lengths = [40] if args.smoke else args.lengths
     result = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "date": date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "kernels": {}}
     for kernel in args.kernels:
-        candidates = CANDIDATES[kernel][:1] if args.smoke else CANDIDATES[kernel]
+        # The default launch is timed too, first: the one to beat.
+        default = triton_scan._tiles(kernel, 128, 128, torch.bfloat16)
+        candidates = [default] + [c for c in CANDIDATES[kernel] if {**default, **c} != default]
+        candidates = candidates[:2] if args.smoke else candidates
         by_length = {}
         for T in lengths:
             B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, 16, 128)
             step = training_step(B, T, H, K, torch.float32 if args.smoke else torch.bfloat16, device)
             by_length[T] = sweep(kernel, candidates, step, timed=not args.smoke)
-        result["kernels"][kernel] = {"default": triton_scan._tiles(kernel, 128, 128, torch.bfloat16),
-                                     "rows": by_length, "best": best(by_length)}
+        result["kernels"][kernel] = {"default": default, "rows": by_length, "best": best(by_length)}
         print(kernel, "default", result["kernels"][kernel]["default"], "best", result["kernels"][kernel]["best"],
               flush=True)
         out = Path(args.out)

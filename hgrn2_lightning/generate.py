@@ -95,7 +95,7 @@ class Generator:
         self._batches: dict[int, _Batch] = {}
         self._step_fn = self._model_step
         if compile_step:
-            self._step_fn = torch.compile(self._model_step, fullgraph=True, dynamic=False)
+            self._step_fn = torch.compile(self._model_step, fullgraph=True)
         self._batch: _Batch | None = None  # the batch the last prefill started, which `step` continues
 
     @classmethod

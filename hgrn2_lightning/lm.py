@@ -66,11 +66,15 @@ class LanguageModel(TaskModule):
             chunked_loss: compute the head and the loss a chunk of tokens at a time (kernels/cross_entropy.py),
                 never holding the [tokens, vocab] logits: the same loss and gradients in less memory.
             compile_blocks: compile each block with torch.compile, fusing its norms, activations and residual
-                adds (the scan is one custom op inside it: no graph break). The 24 blocks of the 370M config
-                share one compiled graph; the first step waits for that compilation.
+                adds (the scan is one custom op inside it: no graph break). Blocks that differ only in their
+                weights share a compiled graph (layer 0, without a lower bound, has its own); drop_path gives
+                every block its own rate and so its own graph, and torch.compile leaves blocks past 8 graphs
+                uncompiled.
+                The first step waits for the compilation. Not stored in the checkpoint's hyperparameters.
             activation_checkpointing: keep only each block's input during the forward and recompute the rest
                 in the backward: about a third more compute for much less activation memory (large models,
-                long sequences).
+                long sequences). With norm "batchnorm" the recomputation updates the running statistics a
+                second time. Not stored in the checkpoint's hyperparameters.
         """
         super().__init__()
         if not vocab_size:
@@ -78,7 +82,9 @@ class LanguageModel(TaskModule):
                 "model.vocab_size is not set: the CLI links it from data.vocab_size, so use a DataModule "
                 "that has a tokenizer, or set model.init_args.vocab_size"
             )
-        self.save_hyperparameters()
+        # How to run, not what the model is: a checkpoint loaded for generation or evaluation should not compile
+        # or recompute because its training did.
+        self.save_hyperparameters(ignore=["compile_blocks", "activation_checkpointing"])
         self.optim = optim
         self.model = CausalLM(backbone, vocab_size, tie_embeddings)
         self.model.backbone.checkpoint_blocks = activation_checkpointing

@@ -75,8 +75,9 @@ class ThroughputMonitor(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:  # Lightning hands over the loss divided by the accumulation factor
             self._micro_batch_losses.append(float(loss) * trainer.accumulate_grad_batches)
-        if trainer.global_step != self._stepped_at and self._micro_batch_losses:
-            self._losses.append(statistics.fmean(self._micro_batch_losses))
+        if trainer.global_step != self._stepped_at:  # the optimizer stepped: these micro-batches were one step
+            if self._micro_batch_losses:
+                self._losses.append(statistics.fmean(self._micro_batch_losses))
             self._micro_batch_losses, self._stepped_at = [], trainer.global_step
         if self._first_step_end is None:
             self._first_step_end = time.time()

@@ -39,41 +39,38 @@ FORWARD = "two_pass"
 measured comparison on the GPU (kernels/NOTES.md, v3); the slower one is deleted after it."""
 POISON_OUTPUTS = False
 """Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
+FLOAT32_TINY = tl.constexpr(1.1754944e-38)
+"""Smallest normal float32: GPUs flush what lies below it to 0."""
 ANCHOR_RANGE = tl.constexpr(40.0)
 """Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
 
 
 @triton.jit
-def _gate(f, b, one_minus_b, mask, HAS_BOUND: tl.constexpr):
+def _gate(f, b, one_minus_b, mask):
     """g = log(lambda) and k = 1 - lambda from fp32 logits f, with sigmoid(f) and sigmoid(-f) for the backward;
-    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f).
+    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f), b = 0 without a bound.
 
     Three special-function operations per element (an exponential, a reciprocal, a logarithm), which is
-    what bounds the kernels' arithmetic: each computes the gate of every element it touches. g is right to
-    an absolute 1e-7, which is what its uses need (exp of sums of g; the gradients go through sigmoid(+-f)):
-    lambda is a sum of positive terms, never a difference; without a bound, g = min(f, 0) - log(1 + e^-|f|)
-    holds even where sigmoid(f) underflows."""
+    what bounds the kernels' arithmetic: each computes the gate of every element it touches. lambda is a
+    sum of positive terms, never a difference, so g is right to about 1e-7 of its size. Where b is 0,
+    lambda = sigmoid(f) underflows below f = -87; it is held at float32's smallest normal there, a decay
+    to 0 within one step either way (the backward's chain rule does not go through lambda there)."""
     e = tl.exp(-tl.abs(f))
     r = 1 / (1 + e)  # sigmoid(|f|)
     sig = tl.where(f >= 0, r, e * r)
     sig_neg = tl.where(f >= 0, e * r, r)
-    if HAS_BOUND:
-        k = one_minus_b[None, :] * sig_neg
-        g = tl.log(b[None, :] + one_minus_b[None, :] * sig)
-    else:
-        k = sig_neg
-        g = tl.minimum(f, 0.0) - tl.log(1 + e)
+    k = one_minus_b[None, :] * sig_neg
+    g = tl.log(tl.maximum(b[None, :] + one_minus_b[None, :] * sig, FLOAT32_TINY))
     return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg
 
 
 @triton.jit
 def _bound(lower_bound, i_h, offs_k, mask_k, K: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """b and 1 - b of the head's K channels (unused zeros when there is no bound)."""
+    """b and 1 - b of the head's K channels (0 and 1 when there is no bound)."""
+    b = tl.zeros([BK], dtype=tl.float32)
     if HAS_BOUND:
-        b = tl.load(lower_bound + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        return b, 1 - b
-    zero = tl.zeros([BK], dtype=tl.float32)
-    return zero, zero
+        b += tl.load(lower_bound + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return b, 1 - b
 
 
 @triton.jit
@@ -115,12 +112,11 @@ def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
-                K: tl.constexpr, C: tl.constexpr, HAS_BOUND: tl.constexpr):
+def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K: tl.constexpr, C: tl.constexpr):
     """The gate of one chunk from its forget logits: `_gate`'s g, k, sigmoid(+-f), then the cumulative gate G
     from the chunk's start and its last row G_last, the decay across the whole chunk."""
     f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck, HAS_BOUND)
+    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck)
     G = tl.cumsum(g, axis=0)
     return g, k, sig, sig_neg, G, _row_of(G, offs_c, C - 1)
 
@@ -235,13 +231,12 @@ def _fwd_states_kernel(
                  mask=mask_kv)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
-                                            K, C, HAS_BOUND)
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
         k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
                       other=0.0)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
-    # The layout's last slot of a sequence, the state after it, is written too: no slot of the buffer stays garbage.
+    # The layout's last slot of a sequence, the state after it, is written too, as the sequential forward does.
     tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
              mask=mask_kv)
     if OUTPUT_FINAL:
@@ -270,7 +265,7 @@ def _fwd_output_kernel(
     causal = offs_c[:, None] >= offs_c[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
 
-    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C, HAS_BOUND)
+    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     A, _, _, _, _ = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
@@ -312,8 +307,7 @@ def _fwd_kernel(
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
-                                            K, C, HAS_BOUND)
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
         G_mid, anchored = _anchor(G, offs_c, valid, C)
         # Registers are the limit here: keep k and q in the input dtype and G alone in float32.
         k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
@@ -362,8 +356,7 @@ def _bwd_dh_kernel(
                  mask=mask_kv)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
-                                            K, C, HAS_BOUND)
+        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
         q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
@@ -397,8 +390,7 @@ def _bwd_kernel(
     causal = offs_c[:, None] >= offs_c[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
 
-    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b,
-                                                        one_minus_b, K, C, HAS_BOUND)
+    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
     q_t = q_t.to(tl.float32)
     A, anchored, G_mid, q_mid, k_mid = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
@@ -456,17 +448,17 @@ def _bwd_kernel(
     state_term = tl.exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
     dG = tl.where(mask_ck, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
     dg = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + state_term[None, :]
-    # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): chain rule through f and b, with
-    # d log(lambda) / d lambda = exp(-g) (without a bound d log sigmoid(f) / df is sigmoid(-f) itself).
-    if HAS_BOUND:
-        slope = one_minus_b[None, :] * sig * sig_neg  # d lambda / df = -dk / df
-        inverse_lambda = tl.exp(-g)
-        df_t = (dg * inverse_lambda - dk_t) * slope
-        db_t = (dg * inverse_lambda - dk_t) * sig_neg
-        tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
-    else:
-        df_t = (dg - dk_t * sig) * sig_neg
+    # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): d lambda / df = -dk / df = (1 - b) sigmoid(f)
+    # sigmoid(-f) and d lambda / db = -dk / db = sigmoid(-f), with d log(lambda) / d lambda = exp(-g). Through f
+    # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
+    # a bound even where lambda underflows.
+    inverse_lambda = tl.exp(-g)
+    share = tl.where((b == 0)[None, :], 1.0, one_minus_b[None, :] * sig * inverse_lambda)
+    df_t = sig_neg * (dg * share - dk_t * one_minus_b[None, :] * sig)
     tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
+    if HAS_BOUND:
+        db_t = sig_neg * (dg * inverse_lambda - dk_t)
+        tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
 
 
 def _block(n: int) -> int:
@@ -480,7 +472,8 @@ TILE_OVERRIDES: dict[str, dict] = {}
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "sequential", "dh", "grads") for a head
-    size and input dtype. The chunk-parallel kernels hold the whole K; the sequential ones a 64-wide K block.
+    size and input dtype. The output, grads and sequential forward kernels hold the whole K; states and dh a
+    64-wide K block.
     Eight warps where a [C, K] tile is 128 wide (with four, the grads kernel's tiles spill, ptxas -v); no
     software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and for float32
     at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""

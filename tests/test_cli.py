@@ -197,7 +197,10 @@ def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option):
         config, run = tiny_lm_config(tmp_path / str(enabled), corpus, max_steps=4, dropout=dropout)
         torch._dynamo.utils.counters.clear()
         main(["fit", "--config", str(config), f"--model.init_args.{option}", str(enabled).lower()])
-        runs[enabled] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        runs[enabled] = checkpoint["state_dict"]
+    # How the run was computed is not part of the model a checkpoint describes (the loss is: it trains alike).
+    assert (option in checkpoint["hyper_parameters"]) == (option == "chunked_loss")
     if option == "compile_blocks":  # it did compile, and whole blocks: no graph breaks
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
         assert not torch._dynamo.utils.counters["graph_break"]

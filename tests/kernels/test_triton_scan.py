@@ -125,6 +125,28 @@ def test_interpreted_kernels_in_float16_with_gates_near_0(forward):
     assert_float16_near_zero_gates(T=100, H=1)
 
 
+def test_a_zero_bound_channel_is_an_unbounded_one_even_where_sigmoid_underflows(forward):
+    """Channels whose lower bound is exactly 0 (the public op accepts any b in [0, 1)), and unbounded ones, with
+    forget logits near -100, where sigmoid(f) underflows float32: outputs and gradients as the float64 loop's.
+    df is about 1e-44 there (every path through g carries a decay of e^-100): zero to float32's normal range."""
+    torch.manual_seed(0)
+    q, i = (torch.randn(1, 40, 1, 16, device=DEVICE, dtype=torch.float64) for _ in range(2))
+    f = torch.randn(1, 40, 1, 16, device=DEVICE, dtype=torch.float64) - 100
+    do = torch.randn_like(i)
+
+    def outputs(bound, backend, dtype):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, f, i)]
+        o, _ = hgrn2_scan(*inputs, bound, backend=backend)
+        return [o, *torch.autograd.grad((o * do.to(dtype)).sum(), inputs)]
+
+    exact = outputs(None, "naive", torch.float64)
+    for bound in (torch.zeros(1, 16, device=DEVICE), None):
+        o, dq, df, di = outputs(bound, "triton", torch.float32)
+        for name, ours, oracle in zip(["o", "dq", "di"], (o, dq, di), (exact[0], exact[1], exact[3])):
+            assert relative_error(ours, oracle) < 1e-5, name
+        assert (df.double() - exact[2]).abs().max() < 1e-30
+
+
 def test_forward_without_grad_keeps_no_states(forward):
     """Inference: the op returns no chunk states (the two-pass forward still stores them for its second pass),
     and o and the final state are right, here packed, reversed and from an initial state."""
