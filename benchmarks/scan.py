@@ -103,8 +103,8 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
         with torch.no_grad():
             return hgrn2_scan(q, f, i, b)[0]
 
-    def ours_train():
-        o, _ = hgrn2_scan(q, f, i, b)
+    def ours_train(recompute_states: bool = False):
+        o, _ = hgrn2_scan(q, f, i, b, recompute_states=recompute_states)
         o.backward(do)
 
     row["ours_fwd_ms"] = median_ms(ours_fwd)
@@ -113,6 +113,9 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
     row["ours_fwdbwd_ms"] = median_ms(ours_train, grad_to_none=[q, f, i])
     row["ours_peak_extra_gib"] = peak_extra_bytes(ours_train) / 2**30
     row["ours_kernels_ms"] = {"fwd": kernel_ms(ours_fwd), "fwdbwd": kernel_ms(ours_train)}
+    # The memory lever: no chunk states kept between forward and backward, one more states pass instead.
+    row["ours_fwdbwd_recompute_ms"] = median_ms(lambda: ours_train(True), grad_to_none=[q, f, i])
+    row["ours_recompute_peak_extra_gib"] = peak_extra_bytes(lambda: ours_train(True)) / 2**30
     log(f"T {T}: ours done")
 
     if fla_chunk_gla is not None:

@@ -55,6 +55,7 @@ class LanguageModel(TaskModule):
         chunked_loss: bool = False,
         compile_blocks: bool = False,
         activation_checkpointing: bool = False,
+        recompute_scan_states: bool = False,
     ):
         """
         Args:
@@ -75,6 +76,9 @@ class LanguageModel(TaskModule):
                 in the backward: about a third more compute for much less activation memory (large models,
                 long sequences). With norm "batchnorm" the recomputation updates the running statistics a
                 second time. Not stored in the checkpoint's hyperparameters.
+            recompute_scan_states: the scans keep no chunk states for the backward (K * V / 32 values per token
+                and head, 6.5 GiB at the 370M config's 32k tokens) and rebuild them there with one more
+                sequential pass over the gate and input. Not stored in the checkpoint's hyperparameters.
         """
         super().__init__()
         if not vocab_size:
@@ -84,10 +88,12 @@ class LanguageModel(TaskModule):
             )
         # How to run, not what the model is: a checkpoint loaded for generation or evaluation should not compile
         # or recompute because its training did.
-        self.save_hyperparameters(ignore=["compile_blocks", "activation_checkpointing"])
+        self.save_hyperparameters(ignore=["compile_blocks", "activation_checkpointing", "recompute_scan_states"])
         self.optim = optim
         self.model = CausalLM(backbone, vocab_size, tie_embeddings)
         self.model.backbone.checkpoint_blocks = activation_checkpointing
+        for block in self.model.backbone.blocks:
+            block.mixer.recompute_scan_states = recompute_scan_states
         if compile_blocks:
             for block in self.model.backbone.blocks:
                 block.compile()

@@ -112,6 +112,8 @@ class HGRU2(nn.Module):
         self.in_proj = nn.Linear(d, 3 * d, bias=False)  # q (output gate), f (forget logits), i (input)
         self.out_norm = RMSNorm(d, config.norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
+        # Training memory, not architecture: the scan's backward rebuilds its chunk states instead of keeping them.
+        self.recompute_scan_states = False
 
     def forward(
         self,
@@ -133,7 +135,8 @@ class HGRU2(nn.Module):
         q = F.silu(q)
         if mask is not None:
             i = i * mask[:, :, None, None].to(i.dtype)
-        scan = dict(lower_bound=lower_bound, scale=self.config.scale, cu_seqlens=cu_seqlens)
+        scan = dict(lower_bound=lower_bound, scale=self.config.scale, cu_seqlens=cu_seqlens,
+                    recompute_states=self.recompute_scan_states)
         if state is not None and self.config.direction != "causal":
             raise ValueError("a non-causal layer sees the whole sequence at once; it has no recurrent state")
         if self.config.direction == "2d":

@@ -21,6 +21,7 @@ def hgrn2_scan(
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
     reverse: bool = False,
+    recompute_states: bool = False,
     backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """HGRN2's gated linear recurrence over a whole sequence.
@@ -38,6 +39,9 @@ def hgrn2_scan(
         cu_seqlens: int tensor [N + 1] of packed sequence boundaries (B must be 1): no state crosses them.
         reverse: scan from the end of each sequence to its start (the backward half of a
             bidirectional layer).
+        recompute_states: Triton backend: keep no chunk states (K * V / 32 values per token and head) for
+            the backward, which rebuilds them with one more pass over f and i. Less memory, a little more
+            time; the PyTorch backends keep what autograd keeps.
         backend: "auto" picks Triton on CUDA and the chunked PyTorch form elsewhere.
 
     Returns:
@@ -53,7 +57,8 @@ def hgrn2_scan(
     if backend == "triton":
         from kernels.triton_scan import triton_scan
 
-        o, state = triton_scan(q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse, output_final_state)
+        o, state = triton_scan(q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse, output_final_state,
+                               recompute_states)
     elif backend in ("chunked", "naive"):
         recurrence = chunked_recurrence if backend == "chunked" else naive_recurrence
         o, state = _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse)

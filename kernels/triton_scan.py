@@ -557,6 +557,18 @@ def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layou
                 REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)))
 
 
+def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tensor, final: Tensor, layout: _Layout,
+                  common: dict, has_h0: bool, output_final_state: bool) -> None:
+    """The sequential states pass: every chunk's starting state into `states` (and the final state)."""
+    _, T, H, K = f.shape
+    V = v.shape[-1]
+    tiles = _tiles("states", K, V, f.dtype)
+    _fwd_states_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), layout.n_sequences * H)](
+        f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
+        HAS_H0=has_h0, OUTPUT_FINAL=output_final_state, **tiles, **common,
+    )
+
+
 @torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
@@ -579,11 +591,7 @@ def scan_fwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         if two_pass:
-            tiles = _tiles("states", K, V, q.dtype)
-            _fwd_states_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), N * H)](
-                f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
-                HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, **tiles, **common,
-            )
+            _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None, output_final_state)
             _fwd_output_kernel[(layout.n_chunks, H)](
                 q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
                 q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("output", K, V, q.dtype), **common,
@@ -611,6 +619,32 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
         q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q)),
     )
+
+
+@torch.library.custom_op("hgrn2::scan_states", mutates_args=())
+def scan_states(
+    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], reverse: bool,
+) -> Tensor:
+    """The chunk states the backward reads, recomputed from f and v (q gives the dtype and layout only)."""
+    f, v = _row_stride(f), _row_stride(v)
+    B, T, H, K = f.shape
+    layout = _Layout(B, T, cu_seqlens, f.device)
+    states = _empty(layout.n_states, H, K, v.shape[-1], dtype=_wide_dtype(q), device=f.device)
+    dummy = f.new_empty(0)
+    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
+    h0 = dummy if initial_state is None else initial_state.float().contiguous()
+    with torch.cuda.device(f.device.index) if f.is_cuda else nullcontext():
+        _store_states(f, v, bound, h0, states, dummy.float(), layout, _constexprs(q, v, lower_bound, layout, reverse),
+                      initial_state is not None, False)
+    return states
+
+
+@scan_states.register_fake
+def _(q, f, v, lower_bound, initial_state, cu_seqlens, reverse):
+    B, T, H, K = q.shape
+    n_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
+    return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q))
 
 
 @torch.library.custom_op("hgrn2::scan_bwd", mutates_args=())
@@ -665,14 +699,17 @@ def _(q, f, v, lower_bound, states, do, d_final, cu_seqlens, scale, reverse, wan
 
 def _setup_context(ctx, inputs, output):
     q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state = inputs
-    ctx.save_for_backward(q, f, v, lower_bound, output[2], cu_seqlens)
+    ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], cu_seqlens)
     ctx.scale, ctx.reverse = scale, reverse
     ctx.has_initial_state = initial_state is not None
     ctx.output_final_state = output_final_state
+    ctx.recompute_states = not save_states
 
 
 def _backward(ctx, do, d_final, d_states):
-    q, f, v, lower_bound, states, cu_seqlens = ctx.saved_tensors
+    q, f, v, lower_bound, initial_state, states, cu_seqlens = ctx.saved_tensors
+    if ctx.recompute_states:
+        states = scan_states(q, f, v, lower_bound, initial_state, cu_seqlens, ctx.reverse)
     d_final = d_final if ctx.output_final_state else None
     dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, states, do, d_final, cu_seqlens, ctx.scale, ctx.reverse,
                                    ctx.has_initial_state)
@@ -685,14 +722,15 @@ scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_scan(
     q: Tensor, f: Tensor, i: Tensor, lower_bound: Tensor | None, scale: float, initial_state: Tensor | None,
-    cu_seqlens: Tensor | None, reverse: bool, output_final_state: bool,
+    cu_seqlens: Tensor | None, reverse: bool, output_final_state: bool, recompute_states: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The scan through the custom op (torch.compile sees one opaque node); states kept only for autograd."""
+    """The scan through the custom op (torch.compile sees one opaque node). The chunk states are kept for
+    autograd, or with `recompute_states` rebuilt in the backward by one more states pass."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
     o, final, _ = scan_fwd(
-        q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse, needs_grad,
-        output_final_state,
+        q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
+        needs_grad and not recompute_states, output_final_state,
     )
     return o, (final if output_final_state else None)

@@ -186,11 +186,13 @@ def test_training_benchmark_runs_its_cpu_smoke_path(tmp_path):
     assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint16"
 
 
-@pytest.mark.parametrize("option", ["chunked_loss", "compile_blocks", "activation_checkpointing"])
+@pytest.mark.parametrize("option", ["chunked_loss", "compile_blocks", "activation_checkpointing",
+                                    "recompute_scan_states"])
 def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option):
-    """model.chunked_loss, compile_blocks and activation_checkpointing change how the step is computed, not
-    what is learned (nor the checkpoint's parameter names). With dropout: a recomputed block draws the
-    same dropout masks as its forward did."""
+    """model.chunked_loss, compile_blocks, activation_checkpointing and recompute_scan_states change how the
+    step is computed, not what is learned (nor the checkpoint's parameter names). With dropout: a recomputed
+    block draws the same dropout masks as its forward did. (On the CPU the scan is PyTorch's, for which
+    recompute_scan_states changes nothing; tests/kernels covers it with the Triton kernels.)"""
     runs = {}
     dropout = 0.1 if option == "activation_checkpointing" else 0.0
     for enabled in (False, True):

@@ -147,6 +147,28 @@ def test_a_zero_bound_channel_is_an_unbounded_one_even_where_sigmoid_underflows(
         assert (df.double() - exact[2]).abs().max() < 1e-30
 
 
+def test_recomputed_states_give_the_same_gradients_and_are_not_kept(forward):
+    """recompute_states: autograd keeps no chunk states ([chunks, H, K, V]); the backward rebuilds them, for
+    packed and reversed sequences with an initial state too."""
+    torch.manual_seed(0)
+    q, f, i = (torch.randn(1, 100, 2, 16, device=DEVICE) for _ in range(3))
+    b = torch.rand(2, 16, device=DEVICE) * 0.9
+    h0 = torch.randn(2, 2, 16, 16, device=DEVICE)
+    cu_seqlens = torch.tensor([0, 37, 100], device=DEVICE)
+    results, kept = [], []
+    for recompute in (False, True):
+        inputs = [x.clone().requires_grad_() for x in (q, f, i, b, h0)]
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: shapes.append(tuple(x.shape)) or x, lambda x: x):
+            o, state = hgrn2_scan(*inputs[:4], initial_state=inputs[4], output_final_state=True,
+                                  cu_seqlens=cu_seqlens, reverse=True, recompute_states=recompute, backend="triton")
+        results.append([o, state, *torch.autograd.grad(o.square().sum() + state.sum(), inputs)])
+        kept.append([shape for shape in shapes if len(shape) == 4 and shape[1:] == (2, 16, 16) and shape[0] > 2])
+    assert kept[0] and not kept[1], kept
+    for recomputed, saved in zip(results[1], results[0]):
+        assert relative_error(recomputed, saved) < 1e-6
+
+
 def test_forward_without_grad_keeps_no_states(forward):
     """Inference: the op returns no chunk states (the two-pass forward still stores them for its second pass),
     and o and the final state are right, here packed, reversed and from an initial state."""

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from hgrn2_lightning import model as model_module
 from hgrn2_lightning.generate import generate, sample_next
-from hgrn2_lightning.lm import CausalLM
+from hgrn2_lightning.lm import CausalLM, LanguageModel
 from hgrn2_lightning.model import HGRN2, HGRN2Config
+from kernels import hgrn2_scan
 from hgrn2_lightning.optim import OptimConfig, configure_adamw, learning_rate_schedule
 from tests.helpers import relative_error
 
@@ -192,3 +194,18 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_dropout_and_gr
         assert len(calls) == len(model.backbone.blocks) * (2 if checkpointing else 1)
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_recompute_scan_states_reaches_every_scan(monkeypatch):
+    """LanguageModel(recompute_scan_states=True): each layer's scan call asks for it (the kernel-level effect,
+    no states kept and the same gradients, is tested in tests/kernels)."""
+    asked = []
+
+    def recording_scan(*args, **kwargs):
+        asked.append(kwargs["recompute_states"])
+        return hgrn2_scan(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "hgrn2_scan", recording_scan)
+    module = LanguageModel(HGRN2Config(**TINY), vocab_size=50, recompute_scan_states=True)
+    module.model(torch.randint(0, 50, (2, 9)))
+    assert asked == [True] * TINY["n_layers"]
