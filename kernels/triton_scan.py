@@ -244,6 +244,24 @@ def _fwd_states_kernel(
 
 
 @triton.jit
+def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
+                C: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """What a chunk-parallel kernel's program owns: chunk i_t of sequence i_n, head i_h, the whole K. Its
+    sequence's chunk-state offset and length, the chunk's rows and masks, the causal mask, b and 1 - b."""
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+    mask_ck = valid[:, None] & mask_k[None, :]
+    causal = offs_c[:, None] >= offs_c[None, :]
+    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    return state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
+
+
+@triton.jit
 def _fwd_output_kernel(
     q, f, v, lower_bound, states, o, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -254,17 +272,9 @@ def _fwd_output_kernel(
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
-    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
-    length = eos - bos
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+        i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     DT = q.dtype.element_ty
-    offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
-    mask_ck = valid[:, None] & mask_k[None, :]
-    causal = offs_c[:, None] >= offs_c[None, :]
-    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-
     _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     A, _, _, _, _ = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
@@ -378,17 +388,10 @@ def _bwd_kernel(
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
-    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
-    length = eos - bos
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+        i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     chunk = state_off - i_n + i_t
     DT = q.dtype.element_ty
-    offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
-    mask_ck = valid[:, None] & mask_k[None, :]
-    causal = offs_c[:, None] >= offs_c[None, :]
-    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
 
     g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
