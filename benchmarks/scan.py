@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+import kernels.triton_scan as triton_scan
 from kernels import hgrn2_scan
-from kernels.triton_scan import CHUNK
 
 H, D = 16, 128
 START = time.perf_counter()
@@ -159,14 +159,19 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
 
 
 def traffic_bytes(T: int, B: int) -> dict:
-    """Bytes our kernels must move (each tensor read or written once, chunk states once per chunk)."""
+    """Bytes the kernels of the current forward (`triton_scan.FORWARD`) and the backward move, each tensor
+    read or written once per pass that touches it, chunk states once per chunk."""
     n = B * T * H
     token = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
-    states = n / CHUNK * D * D * 2  # bf16 chunk states (and their gradients)
-    forward_inference = n * 4 * token
-    forward_training = forward_inference + states
-    backward = n * 4 * token + 2 * states  # dh pass: q, f, do in; states out
-    backward += n * 7 * token + 2 * states  # grads pass: q, f, i, do, states, dstates in; dq, df, di out
+    states = n / triton_scan.CHUNK * D * D * 2  # bf16 chunk states (and their gradients)
+    if triton_scan.FORWARD == "two_pass":
+        # states pass: f, i in, states out; output pass: q, f, i, states in, o out (with or without grad)
+        forward_inference = forward_training = n * 6 * token + 2 * states
+    else:  # one pass: q, f, i in, o out; states out when the backward needs them
+        forward_inference = n * 4 * token
+        forward_training = forward_inference + states
+    backward = n * 3 * token + states  # dh pass: q, f, do in; state gradients out
+    backward += n * 7 * token + 2 * states  # grads pass: q, f, i, do, states, state gradients in; dq, df, di out
     return {"fwd": forward_inference, "fwdbwd": forward_training + backward}
 
 

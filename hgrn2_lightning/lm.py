@@ -77,7 +77,7 @@ class LanguageModel(TaskModule):
                 long sequences). With norm "batchnorm" the recomputation updates the running statistics a
                 second time. Not stored in the checkpoint's hyperparameters.
             recompute_scan_states: the scans keep no chunk states for the backward (K * V / 32 values per token
-                and head, 6.5 GiB at the 370M config's 32k tokens) and rebuild them there with one more
+                and head, 6.1 GiB at the 370M config's 32k tokens) and rebuild them there with one more
                 sequential pass over the gate and input. Not stored in the checkpoint's hyperparameters.
         """
         super().__init__()
