@@ -70,8 +70,8 @@ class LanguageModel(TaskModule):
                 adds (the scan is one custom op inside it: no graph break). Blocks that differ only in their
                 weights share a compiled graph (layer 0, without a lower bound, has its own); drop_path gives
                 every block its own rate and so its own graph, and torch.compile leaves blocks past 8 graphs
-                uncompiled.
-                The first step waits for the compilation. Not stored in the checkpoint's hyperparameters.
+                uncompiled. The first step waits for the compilation. Not stored in the checkpoint's
+                hyperparameters.
             activation_checkpointing: keep only each block's input during the forward and recompute the rest
                 in the backward: about a third more compute for much less activation memory (large models,
                 long sequences). With norm "batchnorm" the recomputation updates the running statistics a
@@ -94,8 +94,7 @@ class LanguageModel(TaskModule):
         self.model.backbone.checkpoint_blocks = activation_checkpointing
         for block in self.model.backbone.blocks:
             block.mixer.recompute_scan_states = recompute_scan_states
-        if compile_blocks:
-            for block in self.model.backbone.blocks:
+            if compile_blocks:
                 block.compile()
 
     def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
