@@ -50,12 +50,15 @@ def peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def kernel_ms(fn, calls: int = 10) -> dict[str, float]:
-    """GPU milliseconds per call of each kernel that fn launches, largest first."""
+def kernel_ms(fn, calls: int = 10, grad_to_none=()) -> dict[str, float]:
+    """GPU milliseconds per call of each kernel that fn launches, largest first. Gradients of `grad_to_none`
+    are dropped before each call, as in the timed runs, so that no accumulation kernel is counted."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         for _ in range(calls):
+            for x in grad_to_none:
+                x.grad = None
             fn()
         torch.cuda.synchronize()
     times: dict[str, float] = {}
@@ -112,7 +115,7 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
         x.requires_grad_(True)
     row["ours_fwdbwd_ms"] = median_ms(ours_train, grad_to_none=[q, f, i])
     row["ours_peak_extra_gib"] = peak_extra_bytes(ours_train) / 2**30
-    row["ours_kernels_ms"] = {"fwd": kernel_ms(ours_fwd), "fwdbwd": kernel_ms(ours_train)}
+    row["ours_kernels_ms"] = {"fwd": kernel_ms(ours_fwd), "fwdbwd": kernel_ms(ours_train, grad_to_none=[q, f, i])}
     # The memory lever: no chunk states kept between forward and backward, one more states pass instead.
     row["ours_fwdbwd_recompute_ms"] = median_ms(lambda: ours_train(True), grad_to_none=[q, f, i])
     row["ours_recompute_peak_extra_gib"] = peak_extra_bytes(lambda: ours_train(True)) / 2**30
@@ -159,20 +162,16 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
 
 
 def traffic_bytes(T: int, B: int) -> dict:
-    """Bytes the kernels of the current forward (`triton_scan.FORWARD`) and the backward move, each tensor
-    read or written once per pass that touches it, chunk states once per chunk."""
+    """Bytes the forward and backward kernels move, each tensor read or written once per pass that touches it,
+    chunk states once per chunk."""
     n = B * T * H
     token = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
     states = n / triton_scan.CHUNK * D * D * 2  # bf16 chunk states (and their gradients)
-    if triton_scan.FORWARD == "two_pass":
-        # states pass: f, i in, states out; output pass: q, f, i, states in, o out (with or without grad)
-        forward_inference = forward_training = n * 6 * token + 2 * states
-    else:  # one pass: q, f, i in, o out; states out when the backward needs them
-        forward_inference = n * 4 * token
-        forward_training = forward_inference + states
+    # states pass: f, i in, states out; output pass: q, f, i, states in, o out (with or without grad)
+    forward = n * 6 * token + 2 * states
     backward = n * 3 * token + states  # dh pass: q, f, do in; state gradients out
     backward += n * 7 * token + 2 * states  # grads pass: q, f, i, do, states, state gradients in; dq, df, di out
-    return {"fwd": forward_inference, "fwdbwd": forward_training + backward}
+    return {"fwd": forward, "fwdbwd": forward + backward}
 
 
 def main() -> None:

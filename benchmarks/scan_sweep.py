@@ -3,8 +3,9 @@
 At the record shape (H 16, K = V = 128, bf16, 32768 tokens) for each length of --lengths, every candidate
 of CANDIDATES replaces one kernel's launch (`TILE_OVERRIDES`), and that kernel's own GPU time per call is
 read from torch.profiler over forward + backward. The sequential kernels' parallelism depends on B (T 16K
-leaves B = 2), the chunk-parallel ones' does not. Each candidate's outputs and gradients are compared with
-the default launch's: a tiling changes only the order of float sums, so they must agree to bf16 rounding.
+leaves B = 2), the chunk-parallel ones' does not: the best launch is reported per length. Each candidate's
+outputs and gradients are compared with the default launch's: a tiling changes only the order of float sums,
+so they must agree to bf16 rounding.
 A candidate that does not fit the GPU (registers, shared memory) is recorded as such.
 
     python benchmarks/scan_sweep.py [--lengths 2048 16384] [--out benchmarks/results]
@@ -27,8 +28,8 @@ from kernels import hgrn2_scan
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a package)
 
-KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "sequential": "_fwd_kernel",
-                "dh": "_bwd_dh_kernel", "grads": "_bwd_kernel"}
+KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "dh": "_bwd_dh_kernel",
+                "grads": "_bwd_kernel"}
 
 
 def _grid(**axes) -> list[dict]:
@@ -40,7 +41,6 @@ CANDIDATES = {
     "dh": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
     "output": _grid(BV=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3]),
     "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
-    "sequential": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[3]),
 }
 
 
@@ -61,8 +61,6 @@ def training_step(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: st
 def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
     """One row per candidate: its launch, the kernel's milliseconds per call (timed runs), its largest
     relative difference from the default launch, or why it failed."""
-    forward = triton_scan.FORWARD
-    triton_scan.FORWARD = "sequential" if kernel == "sequential" else "two_pass"
     reference = step()
     rows = []
     for candidate in candidates:
@@ -79,20 +77,13 @@ def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
             triton_scan.TILE_OVERRIDES.clear()
         rows.append(row)
         print(kernel, row, flush=True)
-    triton_scan.FORWARD = forward
     return rows
 
 
-def best(rows_by_length: dict[int, list[dict]]) -> dict | None:
-    """The candidate with the smallest total time over the lengths, among those that ran everywhere."""
-    totals = {}
-    for rows in rows_by_length.values():
-        for row in rows:
-            key = json.dumps({k: v for k, v in row.items() if k not in ("ms", "max_rel_diff", "error")})
-            ms = row.get("ms")
-            totals[key] = totals.get(key, 0.0) + (ms if ms is not None and row["max_rel_diff"] < 1e-2 else float("inf"))
-    key, total = min(totals.items(), key=lambda item: item[1], default=(None, float("inf")))
-    return None if key is None or total == float("inf") else {**json.loads(key), "total_ms": total}
+def best(rows: list[dict]) -> dict | None:
+    """The fastest candidate among those that ran and agree with the default launch."""
+    timed = [row for row in rows if row.get("ms") is not None and row["max_rel_diff"] < 1e-2]
+    return min(timed, key=lambda row: row["ms"], default=None)
 
 
 def main() -> None:
@@ -105,21 +96,22 @@ def main() -> None:
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     lengths = [40] if args.smoke else args.lengths
+    dtype = torch.float32 if args.smoke else torch.bfloat16
     result = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "date": date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "kernels": {}}
     for kernel in args.kernels:
-        # The default launch is timed too, first: the one to beat.
-        default = triton_scan._tiles(kernel, 128, 128, torch.bfloat16)
-        candidates = [default] + [c for c in CANDIDATES[kernel] if {**default, **c} != default]
-        candidates = candidates[:2] if args.smoke else candidates
-        by_length = {}
+        result["kernels"][kernel] = {"default": {}, "rows": {}, "best": {}}
         for T in lengths:
             B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, 16, 128)
-            step = training_step(B, T, H, K, torch.float32 if args.smoke else torch.bfloat16, device)
-            by_length[T] = sweep(kernel, candidates, step, timed=not args.smoke)
-        result["kernels"][kernel] = {"default": default, "rows": by_length, "best": best(by_length)}
-        print(kernel, "default", result["kernels"][kernel]["default"], "best", result["kernels"][kernel]["best"],
-              flush=True)
+            # The default launch (it depends on B * H for the sequential kernels) is timed first: the one to beat.
+            default = triton_scan._tiles(kernel, K, K, dtype, B * H, torch.device(device))
+            candidates = [default] + [c for c in CANDIDATES[kernel] if {**default, **c} != default]
+            candidates = candidates[:2] if args.smoke else candidates
+            step = training_step(B, T, H, K, dtype, device)
+            rows = sweep(kernel, candidates, step, timed=not args.smoke)
+            summary = result["kernels"][kernel]
+            summary["default"][T], summary["rows"][T], summary["best"][T] = default, rows, best(rows)
+            print(kernel, T, "default", default, "best", summary["best"][T], flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         name = "cpu" if args.smoke else result["device"].replace("NVIDIA ", "").split()[0].lower()

@@ -16,15 +16,13 @@ one fully parallel over them:
             dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
 
-The v2 forward, one program per (sequence, head, V block) doing both in one sequential walk with the
-state in registers, stays beside it until one GPU measurement picks the faster (`FORWARD`).
-
 Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
 chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
 leaves float range, which the kernel checks per chunk (|G - G_m| <= 40); a chunk with a wider gate
 range (gates near 0 without a lower bound) takes an exact elementwise path instead.
 """
 
+import functools
 from contextlib import nullcontext
 from typing import Optional
 
@@ -34,9 +32,6 @@ import triton.language as tl
 from torch import Tensor
 
 CHUNK = 32
-FORWARD = "two_pass"
-"""The forward scan_fwd launches: "two_pass" (states, then outputs) or "sequential" (v2). Both are kept for one
-measured comparison on the GPU (kernels/NOTES.md, v3); the slower one is deleted after it."""
 POISON_OUTPUTS = False
 """Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
 FLOAT32_TINY = tl.constexpr(1.1754944e-38)
@@ -236,7 +231,7 @@ def _fwd_states_kernel(
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
                       other=0.0)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
-    # The layout's last slot of a sequence, the state after it, is written too, as the sequential forward does.
+    # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
     tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
              mask=mask_kv)
     if OUTPUT_FINAL:
@@ -290,57 +285,6 @@ def _fwd_output_kernel(
                           mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(WIDE_DT)
         out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
         tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
-
-
-@triton.jit
-def _fwd_kernel(
-    q, f, v, lower_bound, h0, o, states, final_state, cu_seqlens, state_offsets,
-    stride_q, stride_f, stride_v, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
-):
-    i_nh = tl.program_id(1)
-    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
-        _state_tile_program(0, tl.program_id(0), i_nh, T, cu_seqlens, state_offsets, lower_bound,
-                            H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
-    length = eos - bos
-    DT = q.dtype.element_ty
-    offs_c = tl.arange(0, C)
-    causal = offs_c[:, None] >= offs_c[None, :]
-    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
-    n_chunks = tl.cdiv(length, C)
-    for i_t in range(0, n_chunks):
-        if SAVE_STATES:
-            tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
-                     mask=mask_kv)
-        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
-        mask_ck = valid[:, None] & mask_k[None, :]
-        mask_cv = valid[:, None] & mask_v[None, :]
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-        G_mid, anchored = _anchor(G, offs_c, valid, C)
-        # Registers are the limit here: keep k and q in the input dtype and G alone in float32.
-        k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
-        k = k.to(DT)
-        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(DT)
-        q_inter = (q_t.to(tl.float32) * tl.exp(G)).to(WIDE_DT)
-        if anchored:
-            q_mid = (q_t.to(tl.float32) * tl.exp(G - G_mid[None, :])).to(WIDE_DT)
-            k_mid = (k.to(tl.float32) * tl.exp(G_mid[None, :] - G)).to(WIDE_DT)
-            A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
-        else:
-            A = _scores_exact(q_t.to(tl.float32), k.to(tl.float32), G, offs_c, C, BK)
-        A = tl.where(causal, A, 0.0).to(DT)
-        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
-        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, S.to(WIDE_DT), input_precision=PRECISION)
-        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], (out * scale).to(o.dtype.element_ty),
-                 mask=mask_cv)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
-    if SAVE_STATES:
-        tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile,
-                 S.to(states.dtype.element_ty), mask=mask_kv)
-    if OUTPUT_FINAL:
-        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
 
 
 @triton.jit
@@ -473,23 +417,44 @@ TILE_OVERRIDES: dict[str, dict] = {}
 """Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""
 
 
-def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of one kernel ("states", "output", "sequential", "dh", "grads") for a head
-    size and input dtype. The output, grads and sequential forward kernels hold the whole K; states and dh a
-    64-wide K block.
-    Eight warps where a [C, K] tile is 128 wide (with four, the grads kernel's tiles spill, ptxas -v); no
-    software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and for float32
-    at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
+def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
+           device: torch.device | None = None) -> dict:
+    """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
+    input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
+    the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/NOTES.md, "Tiles"):
+    - states and dh run one program per (walk, K block, V block): a 64 x 64 tile and 2 warps while that gives
+      at least 2 programs per SM (T 2K, B 16), a 32-wide K block and 4 warps below it (T 16K, B 2), where
+      otherwise most SMs wait.
+    - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
+      kernel's tiles spill, ptxas -v), except the output kernel of 16-bit inputs, fastest with a 128-wide V
+      block and 4 warps. No software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared
+      memory, and for float32 at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
-    tiles = {
-        "states": dict(BK=min(64, BK), BV=BV, num_warps=4, num_stages=2),
-        "output": dict(BK=BK, BV=BV, **wide),
-        "sequential": dict(BK=BK, BV=BV, **wide),
-        "dh": dict(BK=min(64, BK), BV=BV, num_warps=4, num_stages=3),
-        "grads": dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV, **wide),
-    }
-    return {**tiles[kernel], **TILE_OVERRIDES.get(kernel, {})}
+    if walks * triton.cdiv(K, 64) * triton.cdiv(V, BV) >= 2 * _sm_count(device):
+        sequential = dict(BK=min(64, BK), BV=BV, num_warps=2, num_stages=2)
+    else:
+        sequential = dict(BK=min(32, BK), BV=BV, num_warps=4, num_stages=2)
+    if kernel == "output" and BK <= 128 and dtype != torch.float32:
+        tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
+    elif kernel == "output":
+        tiles = dict(BK=BK, BV=BV, **wide)
+    elif kernel == "grads":
+        tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV, **wide)
+    elif kernel in ("states", "dh"):
+        tiles = sequential
+    else:
+        raise ValueError(f"no tiles for kernel {kernel!r}")
+    return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
+
+
+@functools.cache
+def _sm_count(device: torch.device | None) -> int:
+    """Streaming multiprocessors of a CUDA device; elsewhere (the interpreter, the sm_90a compile check) an
+    H100's, so that those pick the launches an H100 would."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _row_stride(x: Tensor) -> Tensor:
@@ -565,7 +530,7 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
     """The sequential states pass: every chunk's starting state into `states` (and the final state)."""
     _, T, H, K = f.shape
     V = v.shape[-1]
-    tiles = _tiles("states", K, V, f.dtype)
+    tiles = _tiles("states", K, V, f.dtype, layout.n_sequences * H, f.device)
     _fwd_states_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), layout.n_sequences * H)](
         f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
         HAS_H0=has_h0, OUTPUT_FINAL=output_final_state, **tiles, **common,
@@ -585,28 +550,19 @@ def scan_fwd(
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
-    two_pass = FORWARD == "two_pass"
-    # The two-pass forward reads its chunk states back: it stores them even when the backward will not need them.
-    states = _empty(layout.n_states if save_states or two_pass else 0, H, K, V, dtype=_wide_dtype(q), device=q.device)
+    # The output pass reads the chunk states back: they are stored even when the backward will not need them.
+    states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q), device=q.device)
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        if two_pass:
-            _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None, output_final_state)
-            _fwd_output_kernel[(layout.n_chunks, H)](
-                q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
-                q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("output", K, V, q.dtype), **common,
-            )
-        else:
-            tiles = _tiles("sequential", K, V, q.dtype)
-            _fwd_kernel[(triton.cdiv(V, tiles["BV"]), N * H)](
-                q, f, v, bound, h0, o, states, final, layout.cu_seqlens, layout.state_offsets,
-                q.stride(1), f.stride(1), v.stride(1), scale, T, HAS_H0=initial_state is not None,
-                SAVE_STATES=save_states, OUTPUT_FINAL=output_final_state, **tiles, **common,
-            )
-    if two_pass and not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
+        _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None, output_final_state)
+        _fwd_output_kernel[(layout.n_chunks, H)](
+            q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
+            q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("output", K, V, q.dtype), **common,
+        )
+    if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
     return o, final, states
 
@@ -673,7 +629,7 @@ def scan_bwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        tiles = _tiles("dh", K, V, q.dtype)
+        tiles = _tiles("dh", K, V, q.dtype, N * H, q.device)
         _bwd_dh_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), N * H)](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,

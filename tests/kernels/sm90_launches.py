@@ -62,14 +62,13 @@ def compile_for_sm90(kernel, args, kwargs) -> dict:
             **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
 
 
-def scan_training_step(dtype: torch.dtype, K: int, forward: str = "two_pass", **options):
-    """Forward with states for the backward, then the backward, as autograd calls them."""
-    import kernels.triton_scan
+def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, **options):
+    """Forward with states for the backward, then the backward, as autograd calls them. Many heads (H * B
+    walks) give the sequential kernels their wide tiles, few their narrow ones."""
     from kernels.triton_scan import scan_bwd, scan_fwd
 
     def run():
-        kernels.triton_scan.FORWARD = forward
-        B, T, H = 2, 100, 2
+        B, T = 2, 100
         q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
         bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
         cu_seqlens = options.get("cu_seqlens")
@@ -97,7 +96,8 @@ CASES = {
     "fp16 K128": scan_training_step(torch.float16, 128),
     "fp32 K256": scan_training_step(torch.float32, 256),
     "bf16 K16": scan_training_step(torch.bfloat16, 16),
-    "bf16 K128 sequential forward": scan_training_step(torch.bfloat16, 128, forward="sequential"),
+    "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
+    "fp32 K128": scan_training_step(torch.float32, 128),
     "decode bf16 K128": decode(torch.bfloat16, 128),
 }
 

@@ -23,14 +23,6 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_scan, "POISON_OUTPUTS", True)
 
 
-@pytest.fixture(params=["two_pass", "sequential"])
-def forward(request, monkeypatch):
-    """Both forwards, until one GPU measurement picks one (kernels/NOTES.md, v3). The backward reads the chunk
-    states each stores, so the gradients check those too. The GPU tests run the module's default."""
-    monkeypatch.setattr(triton_scan, "FORWARD", request.param)
-    return request.param
-
-
 def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_shift=0.0, gate_scale=1.0,
                         bounded=True, initial_state=True, reverse=False, lengths=None, transpose_inputs=False,
                         outputs=False):
@@ -98,12 +90,12 @@ INTERPRETER_CASES = {
 
 @pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=list(INTERPRETER_CASES))
-def test_interpreted_kernels_match_the_oracle(case, forward):
+def test_interpreted_kernels_match_the_oracle(case):
     assert_close_to_oracle(compare_with_oracle(**INTERPRETER_CASES[case]), torch.float32)
 
 
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
-def test_interpreted_kernels_in_float16(forward):
+def test_interpreted_kernels_in_float16():
     assert_close_to_oracle(compare_with_oracle(T=70, dtype=torch.float16), torch.float16)
 
 
@@ -121,11 +113,11 @@ def assert_float16_near_zero_gates(**case):
 
 
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
-def test_interpreted_kernels_in_float16_with_gates_near_0(forward):
+def test_interpreted_kernels_in_float16_with_gates_near_0():
     assert_float16_near_zero_gates(T=100, H=1)
 
 
-def test_a_zero_bound_channel_is_an_unbounded_one_even_where_sigmoid_underflows(forward):
+def test_a_zero_bound_channel_is_an_unbounded_one_even_where_sigmoid_underflows():
     """Channels whose lower bound is exactly 0 (the public op accepts any b in [0, 1)), and unbounded ones, with
     forget logits near -100, where sigmoid(f) underflows float32: outputs and gradients as the float64 loop's.
     df is about 1e-44 there (every path through g carries a decay of e^-100): zero to float32's normal range."""
@@ -147,7 +139,7 @@ def test_a_zero_bound_channel_is_an_unbounded_one_even_where_sigmoid_underflows(
         assert (df.double() - exact[2]).abs().max() < 1e-30
 
 
-def test_recomputed_states_give_the_same_gradients_and_are_not_kept(forward):
+def test_recomputed_states_give_the_same_gradients_and_are_not_kept():
     """recompute_states: autograd keeps no chunk states ([chunks, H, K, V]); the backward rebuilds them, for
     packed and reversed sequences with an initial state too."""
     torch.manual_seed(0)
@@ -169,8 +161,8 @@ def test_recomputed_states_give_the_same_gradients_and_are_not_kept(forward):
         assert relative_error(recomputed, saved) < 1e-6
 
 
-def test_forward_without_grad_keeps_no_states(forward):
-    """Inference: the op returns no chunk states (the two-pass forward still stores them for its second pass),
+def test_forward_without_grad_keeps_no_states():
+    """Inference: the op returns no chunk states (the forward still stores them for its output pass),
     and o and the final state are right, here packed, reversed and from an initial state."""
     lengths, H, K = [40, 1, 60], 2, 16
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
@@ -258,7 +250,7 @@ def test_tile_sweep_runs_its_cpu_smoke_path(tmp_path):
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     kernels = json.loads((tmp_path / "scan-sweep-cpu.json").read_text())["kernels"]
-    assert set(kernels) == {"states", "output", "sequential", "dh", "grads"}
+    assert set(kernels) == {"states", "output", "dh", "grads"}
     for kernel in kernels.values():
         (rows,) = kernel["rows"].values()
         assert all(row["max_rel_diff"] < 1e-5 for row in rows), rows
