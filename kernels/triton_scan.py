@@ -143,22 +143,31 @@ def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k:
-    one matmul of OPERAND_DT operands anchored at the middle row when the chunk's gate range allows it, else
-    elementwise. Also whether it was anchored, the anchor row and the anchored operands (q, k themselves on the
-    exact path), which the backward reuses."""
+def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.constexpr):
+    """Whether the chunk's gate range allows the anchored matmul, its anchor row G_m and the anchored operands
+    q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT (q and k themselves where it does not)."""
     G_mid, anchored = _anchor(G, offs_c, valid, C)
     if anchored:
         q_mid = (q * tl.exp(G - G_mid[None, :])).to(OPERAND_DT)
         k_mid = (k * tl.exp(G_mid[None, :] - G)).to(OPERAND_DT)
-        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
     else:
         q_mid = q.to(OPERAND_DT)
         k_mid = k.to(OPERAND_DT)
+    return anchored, G_mid, q_mid, k_mid
+
+
+@triton.jit
+def _scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k:
+    one matmul of OPERAND_DT operands anchored at the middle row when the chunk's gate range allows it, else
+    elementwise."""
+    anchored, _, q_mid, k_mid = _anchored_operands(q, k, G, offs_c, valid, C, OPERAND_DT)
+    if anchored:
+        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
+    else:
         A = _scores_exact(q, k, G, offs_c, C, BK)
-    return A, anchored, G_mid, q_mid, k_mid
+    return A
 
 
 @triton.jit
@@ -272,7 +281,7 @@ def _fwd_output_kernel(
     DT = q.dtype.element_ty
     _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    A, _, _, _, _ = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
+    A = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_inter = (q_t * tl.exp(G) * scale).to(WIDE_DT)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
@@ -337,10 +346,14 @@ def _bwd_kernel(
     chunk = state_off - i_n + i_t
     DT = q.dtype.element_ty
 
-    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-    q_t = q_t.to(tl.float32)
-    A, anchored, G_mid, q_mid, k_mid = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
+    # Registers bound this kernel (255 per thread, one 8-warp program per SM): only what the V loop needs, the
+    # scores A and k_end, is held across it. The gate and q are read again after the loop and recomputed in
+    # two steps (k for dq and dk, then sigmoid(+-f) and g for the chain rule), which took ptxas's spills from
+    # 176 to 48 bytes (bf16) and from 19 KiB to 620 bytes (float32). The stores in between keep the compiler
+    # from merging a reload with the earlier load.
+    _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
+    A = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
 
@@ -373,6 +386,9 @@ def _bwd_kernel(
     eye = offs_c[:, None] == offs_c[None, :]
     dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1) * scale
     dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
+    _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
+    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
     dq_t = dq_inter * tl.exp(G) * scale
     dk_state = dk_state * tl.exp(G_last[None, :] - G)
     if anchored:
@@ -399,6 +415,8 @@ def _bwd_kernel(
     # sigmoid(-f) and d lambda / db = -dk / db = sigmoid(-f), with d log(lambda) / d lambda = exp(-g). Through f
     # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
     # a bound even where lambda underflows.
+    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
+    g, _, sig, sig_neg = _gate(f_t, b, one_minus_b, mask_ck)
     inverse_lambda = tl.exp(-g)
     share = tl.where((b == 0)[None, :], 1.0, one_minus_b[None, :] * sig * inverse_lambda)
     df_t = sig_neg * (dg * share - dk_t * one_minus_b[None, :] * sig)
@@ -421,21 +439,22 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
            device: torch.device | None = None) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/NOTES.md, "Tiles"):
+    the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/NOTES.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block): a 64 x 64 tile and 2 warps while that gives
       at least 2 programs per SM (T 2K, B 16), a 32-wide K block and 4 warps below it (T 16K, B 2), where
       otherwise most SMs wait.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
-      kernel's tiles spill, ptxas -v), except the output kernel of 16-bit inputs, fastest with a 128-wide V
-      block and 4 warps. No software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared
-      memory, and for float32 at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
+      kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
+      V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). No
+      software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and for
+      float32 at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     if walks * triton.cdiv(K, 64) * triton.cdiv(V, BV) >= 2 * _sm_count(device):
         sequential = dict(BK=min(64, BK), BV=BV, num_warps=2, num_stages=2)
     else:
         sequential = dict(BK=min(32, BK), BV=BV, num_warps=4, num_stages=2)
-    if kernel == "output" and BK <= 128 and dtype != torch.float32:
+    if kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
         tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
