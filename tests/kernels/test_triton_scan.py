@@ -94,6 +94,15 @@ def test_interpreted_kernels_match_the_oracle(case):
     assert_close_to_oracle(compare_with_oracle(**INTERPRETER_CASES[case]), torch.float32)
 
 
+@pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
+def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
+    """The states and dh kernels take 64-wide K blocks once there are 2 programs per SM; this few heads
+    get them only on a GPU of one SM (the cases above run the narrow ones)."""
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
+    assert triton_scan._tiles("states", 64, 64, torch.float32, walks=4)["BK"] == 64
+    assert_close_to_oracle(compare_with_oracle(T=70, K=64), torch.float32)
+
+
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
 def test_interpreted_kernels_in_float16():
     assert_close_to_oracle(compare_with_oracle(T=70, dtype=torch.float16), torch.float16)
@@ -199,7 +208,7 @@ def test_custom_op_compiles_without_graph_break():
 GPU_CASES = {
     "T 1": dict(T=1), "T 63": dict(T=63), "T 64": dict(T=64), "T 65": dict(T=65), "T 1000": dict(T=1000),
     "T 16384": dict(B=1, T=16384, H=2, K=64),
-    "B*H 1": dict(B=1, H=1, T=300), "B*H 256": dict(B=16, H=16, T=200, K=64),
+    "B*H 1": dict(B=1, H=1, T=300), "B*H 256": dict(B=16, H=16, T=200, K=128),  # the sequential kernels' wide tiles
     "head dim 128": dict(T=300, K=128), "head dim 256": dict(T=200, K=256, H=1),
     "head dims 1, 2, 4, 8": dict(T=500, K=4, H=4),
     "gates near 0": dict(T=500, gate_shift=-20.0, bounded=False),
