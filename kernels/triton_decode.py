@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_scan import _bound, _empty, _gate, _row_stride
+from kernels.triton_scan import _bound, _empty, _exp, _gate, _row_stride
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _decode_kernel(
         g, k, _, _ = _gate(f_t.to(tl.float32), b, one_minus_b, mask_k[None, :])
         q_t = tl.load(q + row * stride_q + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         v_t = tl.load(v + row * stride_v + i_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-        S = S * tl.exp(tl.reshape(g, [BK]))[:, None] + tl.reshape(k, [BK])[:, None] * v_t[None, :]
+        S = S * _exp(tl.reshape(g, [BK]))[:, None] + tl.reshape(k, [BK])[:, None] * v_t[None, :]
         o_t = tl.sum(q_t[:, None] * S, axis=0) * scale
         tl.store(o + (row * H + i_h) * V + offs_v, o_t.to(o.dtype.element_ty), mask=mask_v)
     tl.store(tile, S, mask=mask_kv)

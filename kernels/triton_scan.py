@@ -23,6 +23,7 @@ range (gates near 0 without a lower bound) takes an exact elementwise path inste
 """
 
 import functools
+import os
 from contextlib import nullcontext
 from typing import Optional
 
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 CHUNK = 32
 POISON_OUTPUTS = False
@@ -38,6 +40,25 @@ FLOAT32_TINY = tl.constexpr(1.1754944e-38)
 """Smallest normal float32: GPUs flush what lies below it to 0."""
 ANCHOR_RANGE = tl.constexpr(40.0)
 """Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
+LOG2_E = tl.constexpr(1.4426950408889634)
+FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+"""The GPU's approximate logarithm (the interpreter has no libdevice fast_logf; the GPU tests cover it)."""
+
+
+@triton.jit
+def _exp(x):
+    """e^x as a multiply and one ex2.approx.ftz. tl.exp adds two instructions per element to keep subnormal
+    results (below 1.2e-38), which nothing here needs: such a decay is 0 for every sum it enters."""
+    return tl.exp2(x * LOG2_E)
+
+
+@triton.jit
+def _log(x):
+    """log(x) for normal x: lg2.approx and a multiply on the GPU, instead of libdevice's ~20-instruction
+    polynomial (tl.log). The gate is the only logarithm: every kernel evaluates it per element it touches."""
+    if FAST_LOG:
+        return libdevice.fast_logf(x)
+    return tl.log(x)
 
 
 @triton.jit
@@ -50,12 +71,12 @@ def _gate(f, b, one_minus_b, mask):
     sum of positive terms, never a difference, so g is right to about 1e-7 of its size. Where b is 0,
     lambda = sigmoid(f) underflows below f = -87; it is held at float32's smallest normal there, a decay
     to 0 within one step either way (the backward's chain rule does not go through lambda there)."""
-    e = tl.exp(-tl.abs(f))
+    e = _exp(-tl.abs(f))
     r = 1 / (1 + e)  # sigmoid(|f|)
     sig = tl.where(f >= 0, r, e * r)
     sig_neg = tl.where(f >= 0, e * r, r)
     k = one_minus_b[None, :] * sig_neg
-    g = tl.log(tl.maximum(b[None, :] + one_minus_b[None, :] * sig, FLOAT32_TINY))
+    g = _log(tl.maximum(b[None, :] + one_minus_b[None, :] * sig, FLOAT32_TINY))
     return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg
 
 
@@ -137,7 +158,7 @@ def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
     for s in range(C):
         k_s = _row_of(k, offs_c, s)
         G_s = _row_of(G, offs_c, s)
-        column = tl.sum(q * k_s[None, :] * tl.exp(tl.minimum(G - G_s[None, :], 0.0)), axis=1)
+        column = tl.sum(q * k_s[None, :] * _exp(tl.minimum(G - G_s[None, :], 0.0)), axis=1)
         A = tl.where(offs_c[None, :] == s, column[:, None], A)
     return A
 
@@ -148,8 +169,8 @@ def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.c
     q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT (q and k themselves where it does not)."""
     G_mid, anchored = _anchor(G, offs_c, valid, C)
     if anchored:
-        q_mid = (q * tl.exp(G - G_mid[None, :])).to(OPERAND_DT)
-        k_mid = (k * tl.exp(G_mid[None, :] - G)).to(OPERAND_DT)
+        q_mid = (q * _exp(G - G_mid[None, :])).to(OPERAND_DT)
+        k_mid = (k * _exp(G_mid[None, :] - G)).to(OPERAND_DT)
     else:
         q_mid = q.to(OPERAND_DT)
         k_mid = k.to(OPERAND_DT)
@@ -178,7 +199,7 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
     for s in range(C):
         k_s = _row_of(k, offs_c, s)
         G_s = _row_of(G, offs_c, s)
-        decay = tl.exp(tl.minimum(G - G_s[None, :], 0.0))
+        decay = _exp(tl.minimum(G - G_s[None, :], 0.0))
         dA_s = tl.sum(tl.where(offs_c[None, :] == s, dA, 0.0), axis=1)
         dq += dA_s[:, None] * k_s[None, :] * decay
         dk_s = tl.sum(dA_s[:, None] * q * decay, axis=0)
@@ -236,10 +257,10 @@ def _fwd_states_kernel(
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-        k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
+        k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
                       other=0.0)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
+        S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
     # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
     tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
              mask=mask_kv)
@@ -283,7 +304,7 @@ def _fwd_output_kernel(
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     A = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
-    q_inter = (q_t * tl.exp(G) * scale).to(WIDE_DT)
+    q_inter = (q_t * _exp(G) * scale).to(WIDE_DT)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v = i_v * BV + tl.arange(0, BV)
@@ -323,8 +344,8 @@ def _bwd_dh_kernel(
         q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
-        q_inter = (q_t.to(tl.float32) * tl.exp(G) * scale).to(WIDE_DT)
-        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
+        q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
+        dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
     if WRITE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
 
@@ -355,7 +376,7 @@ def _bwd_kernel(
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     A = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
-    k_end = (k * tl.exp(G_last[None, :] - G)).to(WIDE_DT)
+    k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
 
     dq_inter = tl.zeros([C, BK], dtype=tl.float32)
     dk_state = tl.zeros([C, BK], dtype=tl.float32)
@@ -389,11 +410,11 @@ def _bwd_kernel(
     _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
-    dq_t = dq_inter * tl.exp(G) * scale
-    dk_state = dk_state * tl.exp(G_last[None, :] - G)
+    dq_t = dq_inter * _exp(G) * scale
+    dk_state = dk_state * _exp(G_last[None, :] - G)
     if anchored:
-        dq_t += tl.exp(G - G_mid[None, :]) * tl.dot(dA.to(ANCHORED_DT), k_mid, input_precision=PRECISION)
-        dk_intra = tl.exp(G_mid[None, :] - G) * tl.dot(tl.trans(dA.to(ANCHORED_DT)), q_mid,
+        dq_t += _exp(G - G_mid[None, :]) * tl.dot(dA.to(ANCHORED_DT), k_mid, input_precision=PRECISION)
+        dk_intra = _exp(G_mid[None, :] - G) * tl.dot(tl.trans(dA.to(ANCHORED_DT)), q_mid,
                                                         input_precision=PRECISION)
     else:
         dq_intra, dk_intra = _intra_grads_exact(q_t, k, G, dA, offs_c, C, BK)
@@ -408,7 +429,7 @@ def _bwd_kernel(
     # key-side pairs are the earlier rows. Its pair with the last row carries no decay: left out too.
     last_row = tl.minimum(length - i_t * C, C) - 1
     k_dk_state = tl.where(mask_ck & (offs_c < last_row)[:, None], k * dk_state, 0.0)
-    state_term = tl.exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
+    state_term = _exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
     dG = tl.where(mask_ck, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
     dg = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + state_term[None, :]
     # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): d lambda / df = -dk / df = (1 - b) sigmoid(f)
@@ -417,7 +438,7 @@ def _bwd_kernel(
     # a bound even where lambda underflows.
     f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
     g, _, sig, sig_neg = _gate(f_t, b, one_minus_b, mask_ck)
-    inverse_lambda = tl.exp(-g)
+    inverse_lambda = _exp(-g)
     share = tl.where((b == 0)[None, :], 1.0, one_minus_b[None, :] * sig * inverse_lambda)
     df_t = sig_neg * (dg * share - dk_t * one_minus_b[None, :] * sig)
     tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
