@@ -119,6 +119,11 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
     # The memory lever: no chunk states kept between forward and backward, one more states pass instead.
     row["ours_fwdbwd_recompute_ms"] = median_ms(lambda: ours_train(True), grad_to_none=[q, f, i])
     row["ours_recompute_peak_extra_gib"] = peak_extra_bytes(lambda: ours_train(True)) / 2**30
+    # Fast forgetting, as a trained first layer (no bound) may learn: lambda about 0.02, a gate range over
+    # 40 within half a chunk, where the kernels leave the anchored matmul for the exact elementwise path.
+    f_fast = (f.detach() - 4.0).requires_grad_()
+    row["ours_fwdbwd_fast_forgetting_ms"] = median_ms(
+        lambda: hgrn2_scan(q, f_fast, i, None)[0].backward(do), grad_to_none=[q, f_fast, i])
     log(f"T {T}: ours done")
 
     if fla_chunk_gla is not None:
