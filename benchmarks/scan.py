@@ -8,7 +8,8 @@ float64 reference runs first, so every time printed belongs to a kernel that is 
 
     python benchmarks/scan.py [--tokens 32768] [--lengths 1024 ...] [--no-fla] [--out benchmarks/results]
 
-Each row also records where our time goes: the GPU time of each kernel per call (torch.profiler).
+Each row also records where our time goes: the GPU time of each kernel per call (torch.profiler). Then the
+LRA's small heads (K = V = 4 and 8 at the ListOps shape) against their bandwidth floor.
 """
 
 import argparse
@@ -209,9 +210,36 @@ def main() -> None:
         for pass_, kernels in row["ours_kernels_ms"].items():
             log(f"T {T} {pass_} per kernel: " + ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in kernels.items()))
         write(args.out, device, chunk_gla, bandwidth, errors, rows, args.tokens)
+    small_heads = [bench_small_heads(K, bandwidth) for K in (4, 8)]
+    for row in small_heads:
+        log(str(row))
+    write(args.out, device, chunk_gla, bandwidth, errors, rows, args.tokens, small_heads)
 
 
-def write(out_dir: str, device: str, chunk_gla, bandwidth: float, errors: dict, rows: list, tokens: int) -> None:
+def bench_small_heads(K: int, bandwidth: float, B: int = 32, T: int = 2048, heads: int = 16) -> dict:
+    """The LRA's head sizes (expand_ratio 4 and 8) at the ListOps shape, against the bandwidth floor: q, f, i
+    read and o written once (forward); also do read and dq, df, di written (forward + backward)."""
+    torch.manual_seed(0)
+    q, f, i = (torch.randn(B, T, heads, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    b = torch.rand(heads, K, device="cuda") * 0.5 + 0.25
+    do = torch.randn_like(i)
+
+    def forward():
+        with torch.no_grad():
+            return hgrn2_scan(q, f, i, b)[0]
+
+    row_bytes = B * T * heads * K * 2
+    return {
+        "B": B, "T": T, "H": heads, "K": K,
+        "ours_fwd_ms": median_ms(forward),
+        "ours_fwdbwd_ms": median_ms(lambda: hgrn2_scan(q, f, i, b)[0].backward(do), grad_to_none=[q, f, i]),
+        "floor_fwd_ms": 4 * row_bytes / bandwidth * 1e3,
+        "floor_fwdbwd_ms": 11 * row_bytes / bandwidth * 1e3,  # forward 4 rows; backward q, f, i, do in, 3 grads out
+    }
+
+
+def write(out_dir: str, device: str, chunk_gla, bandwidth: float, errors: dict, rows: list, tokens: int,
+          small_heads: list | None = None) -> None:
     """Results so far: a run cut short still leaves its finished rows."""
     result = {
         "device": device, "date": date.today().isoformat(), "torch": torch.__version__,
@@ -219,6 +247,7 @@ def write(out_dir: str, device: str, chunk_gla, bandwidth: float, errors: dict, 
         "fla": _version("fla-core") if chunk_gla else None,
         "shape": {"H": H, "K": D, "V": D, "tokens": tokens, "dtype": "bfloat16"},
         "copy_bandwidth_tb_s": bandwidth / 1e12, "correctness_bf16": errors, "rows": rows,
+        "small_heads": small_heads or [],
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +279,12 @@ def markdown(result: dict) -> str:
             f"{get('sdpa_cudnn_fwdbwd_ms'):.3f} | {get('ours_fwd_bandwidth_fraction'):.2f} | "
             f"{get('ours_fwdbwd_bandwidth_fraction'):.2f} | {get('ours_peak_extra_gib'):.2f} / "
             f"{get('fla_peak_extra_gib'):.2f} |"
+        )
+    for r in result["small_heads"]:
+        lines.append(
+            f"\nSmall heads, B {r['B']}, T {r['T']}, H {r['H']}, K = V = {r['K']}: forward {r['ours_fwd_ms']:.3f} ms "
+            f"(floor {r['floor_fwd_ms']:.3f}), forward + backward {r['ours_fwdbwd_ms']:.3f} ms "
+            f"(floor {r['floor_fwdbwd_ms']:.3f})."
         )
     return "\n".join(lines) + "\n"
 
