@@ -12,7 +12,16 @@ trains like text (the loss falls) and needs no download.
 
     python benchmarks/train.py --steps 60 --run "1gpu=" --run "ddp2=--trainer.devices 2 --trainer.strategy ddp" \
         [--config configs/lm/hgrn2_370m.yaml] [--baselines llama] [--out benchmarks/results]
-    python benchmarks/train.py --smoke     # CPU, a tiny model, a few steps: checks the script runs
+    python benchmarks/train.py --smoke     # CPU, a tiny model, two runs of a few steps: checks the script runs
+
+With several runs the table ends with each run's per-step losses against the first run's. The fast path
+against the plain PyTorch scan (same data and seed; the plain scan needs a smaller batch):
+
+    python benchmarks/train.py --steps 200 --tag -curves \
+        --run "plain=--model.init_args.scan_backend chunked --model.init_args.compile_blocks false \
+            --model.init_args.recompute_scan_states false --model.init_args.chunked_loss false \
+            --data.init_args.batch_size 4" \
+        --run "fast=--data.init_args.batch_size 4"
 """
 
 import argparse
@@ -128,6 +137,21 @@ def run_baseline(name: str, seq_len: int, batch: int, steps: int, smoke: bool) -
     }
 
 
+def loss_agreement(runs: list[dict]) -> list[dict]:
+    """How far each later run's per-step losses lie from the first run's: the check that a fast path trains like
+    the plain one (same config, data and seed, e.g. `--run "plain=--model.init_args.scan_backend chunked"`)."""
+    finished = [run for run in runs if run.get("losses")]
+    rows = []
+    for run in finished[1:]:
+        reference = np.array(finished[0]["losses"])
+        losses = np.array(run["losses"])
+        steps = min(len(reference), len(losses))
+        relative = np.abs(losses[:steps] - reference[:steps]) / np.abs(reference[:steps])
+        rows.append({"name": run["name"], "against": finished[0]["name"], "steps": steps,
+                     "max_relative": float(relative.max()), "mean_relative": float(relative.mean())})
+    return rows
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Training steps on {result['device']} ({result['date']}; torch {result['torch']}, "
@@ -145,6 +169,12 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {run['name']} | {run['world_size']} | {run['per_s']:,.0f} | {run['per_s_per_device']:,.0f} | {mfu} "
             f"| {peaks} | {run['first_step_s']:.0f} |"
+        )
+    for agreement in loss_agreement(result["ours"]):
+        lines.append(
+            f"\n{agreement['name']} against {agreement['against']}: per-step losses within "
+            f"{agreement['max_relative']:.1e} relative (mean {agreement['mean_relative']:.1e}) over "
+            f"{agreement['steps']} steps."
         )
     for base in result["baselines"]:
         peaks = ", ".join(f"{p:.1f}" for p in base["peak_gib_per_device"] or []) or "-"
@@ -178,7 +208,7 @@ def main() -> None:
             "--model.init_args.backbone.mlp_hidden 64 --data.init_args.seq_len 64 --data.init_args.batch_size 2 "
             "--data.init_args.num_workers 0"
         )
-        runs = [f"smoke={smoke_flags}"]
+        runs = [f"smoke={smoke_flags}", f"smoke-again={smoke_flags}"]  # the second: the loss comparison
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
     result = {
         "device": device,
@@ -209,6 +239,7 @@ def main() -> None:
     for name in args.baselines:
         result["baselines"].append(run_baseline(name, seq_len, batch, args.steps, args.smoke))
         write()
+    result["loss_agreement"] = loss_agreement(result["ours"])
     write()
     print(markdown(result))
 

@@ -1,6 +1,7 @@
 """The causal language model: token embedding, the HGRN2 backbone, an output head; and its LightningModule."""
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ class LanguageModel(TaskModule):
         compile_blocks: bool = False,
         activation_checkpointing: bool = False,
         recompute_scan_states: bool = False,
+        scan_backend: Literal["auto", "chunked"] = "auto",
     ):
         """
         Args:
@@ -79,6 +81,9 @@ class LanguageModel(TaskModule):
             recompute_scan_states: the scans keep no chunk states for the backward (K * V / 32 values per token
                 and head, 6.1 GiB at the 370M config's 32k tokens) and rebuild them there with one more
                 sequential pass over the gate and input. Not stored in the checkpoint's hyperparameters.
+            scan_backend: "auto" runs the Triton scan on CUDA; "chunked" the pure-PyTorch chunked form everywhere,
+                the plain path that the kernels' training curves are checked against (benchmarks/train.py
+                compares the per-step losses of its runs). Not stored in the checkpoint's hyperparameters.
         """
         super().__init__()
         if not vocab_size:
@@ -88,12 +93,14 @@ class LanguageModel(TaskModule):
             )
         # How to run, not what the model is: a checkpoint loaded for generation or evaluation should not compile
         # or recompute because its training did.
-        self.save_hyperparameters(ignore=["compile_blocks", "activation_checkpointing", "recompute_scan_states"])
+        self.save_hyperparameters(
+            ignore=["compile_blocks", "activation_checkpointing", "recompute_scan_states", "scan_backend"])
         self.optim = optim
         self.model = CausalLM(backbone, vocab_size, tie_embeddings)
         self.model.backbone.checkpoint_blocks = activation_checkpointing
         for block in self.model.backbone.blocks:
             block.mixer.recompute_scan_states = recompute_scan_states
+            block.mixer.scan_backend = scan_backend
             if compile_blocks:
                 block.compile()
 

@@ -112,8 +112,10 @@ class HGRU2(nn.Module):
         self.in_proj = nn.Linear(d, 3 * d, bias=False)  # q (output gate), f (forget logits), i (input)
         self.out_norm = RMSNorm(d, config.norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
-        # Training memory, not architecture: the scan's backward rebuilds its chunk states instead of keeping them.
+        # How to run, not architecture: the scan's backward may rebuild its chunk states instead of keeping them,
+        # and the scan may be the PyTorch form on any device (the reference the kernels are checked against).
         self.recompute_scan_states = False
+        self.scan_backend = "auto"
 
     def forward(
         self,
@@ -136,7 +138,7 @@ class HGRU2(nn.Module):
         if mask is not None:
             i = i * mask[:, :, None, None].to(i.dtype)
         scan = dict(lower_bound=lower_bound, scale=self.config.scale, cu_seqlens=cu_seqlens,
-                    recompute_states=self.recompute_scan_states)
+                    recompute_states=self.recompute_scan_states, backend=self.scan_backend)
         if state is not None and self.config.direction != "causal":
             raise ValueError("a non-causal layer sees the whole sequence at once; it has no recurrent state")
         if self.config.direction == "2d":

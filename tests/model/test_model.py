@@ -196,16 +196,18 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_dropout_and_gr
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
 
 
-def test_recompute_scan_states_reaches_every_scan(monkeypatch):
-    """LanguageModel(recompute_scan_states=True): each layer's scan call asks for it (the kernel-level effect,
-    no states kept and the same gradients, is tested in tests/kernels)."""
+def test_scan_options_reach_every_scan(monkeypatch):
+    """LanguageModel(recompute_scan_states=True, scan_backend="chunked"): each layer's scan call asks for both
+    (the kernel-level effect of recomputation, no states kept and the same gradients, is tested in
+    tests/kernels)."""
     asked = []
 
     def recording_scan(*args, **kwargs):
-        asked.append(kwargs["recompute_states"])
+        asked.append((kwargs["recompute_states"], kwargs["backend"]))
         return hgrn2_scan(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "hgrn2_scan", recording_scan)
-    module = LanguageModel(HGRN2Config(**TINY), vocab_size=50, recompute_scan_states=True)
+    module = LanguageModel(HGRN2Config(**TINY), vocab_size=50, recompute_scan_states=True, scan_backend="chunked")
     module.model(torch.randint(0, 50, (2, 9)))
-    assert asked == [True] * TINY["n_layers"]
+    assert asked == [(True, "chunked")] * TINY["n_layers"]
+    assert "scan_backend" not in module.hparams
