@@ -39,8 +39,14 @@ def _grid(**axes) -> list[dict]:
 CANDIDATES = {
     "states": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
     "dh": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
-    "output": _grid(BV=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3]),
-    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3]),
+    # maxnreg caps registers per thread so that more programs share an SM, at the price of spills: ptxas
+    # (sm_90a) gives the grads kernel 128 with 644 bytes of spills (two 8-warp programs per SM instead of
+    # one), the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
+    # The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
+    "output": _grid(BV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
+    + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
+    "grads": _grid(BV=[64], num_warps=[8], num_stages=[2, 3])
+    + _grid(BV=[64], num_warps=[8], num_stages=[3], maxnreg=[128, 168]),
 }
 
 
