@@ -9,7 +9,7 @@ float64 reference runs first, so every time printed belongs to a kernel that is 
     python benchmarks/scan.py [--tokens 32768] [--lengths 1024 ...] [--no-fla] [--out benchmarks/results]
 
 Each row also records where our time goes: the GPU time of each kernel per call (torch.profiler). Then the
-LRA's small heads (K = V = 4 and 8 at the ListOps shape) against their bandwidth floor.
+LRA's small heads (K = V = 1, 4 and 8 at the ListOps shape) against their bandwidth floor.
 """
 
 import argparse
@@ -210,15 +210,16 @@ def main() -> None:
         for pass_, kernels in row["ours_kernels_ms"].items():
             log(f"T {T} {pass_} per kernel: " + ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in kernels.items()))
         write(args.out, device, chunk_gla, bandwidth, errors, rows, args.tokens)
-    small_heads = [bench_small_heads(K, bandwidth) for K in (4, 8)]
+    small_heads = [bench_small_heads(K, bandwidth) for K in (1, 4, 8)]
     for row in small_heads:
         log(str(row))
     write(args.out, device, chunk_gla, bandwidth, errors, rows, args.tokens, small_heads)
 
 
 def bench_small_heads(K: int, bandwidth: float, B: int = 32, T: int = 2048, heads: int = 16) -> dict:
-    """The LRA's head sizes (expand_ratio 4 and 8) at the ListOps shape, against the bandwidth floor: q, f, i
-    read and o written once (forward); also do read and dq, df, di written (forward + backward)."""
+    """The LRA's head sizes (expand_ratio 1 for Path-X, 4 for ListOps, 8) at the ListOps shape, against the
+    bandwidth floor: q, f, i read and o written once (forward); also do read and dq, df, di written (forward +
+    backward)."""
     torch.manual_seed(0)
     q, f, i = (torch.randn(B, T, heads, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     b = torch.rand(heads, K, device="cuda") * 0.5 + 0.25
