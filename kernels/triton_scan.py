@@ -471,18 +471,16 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       float32 at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
-    if walks * triton.cdiv(K, 64) * triton.cdiv(V, BV) >= 2 * _sm_count(device):
-        sequential = dict(BK=min(64, BK), BV=BV, num_warps=2, num_stages=2)
-    else:
-        sequential = dict(BK=min(32, BK), BV=BV, num_warps=4, num_stages=2)
-    if kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
+    if kernel in ("states", "dh") and walks * triton.cdiv(K, 64) * triton.cdiv(V, BV) >= 2 * _sm_count(device):
+        tiles = dict(BK=min(64, BK), BV=BV, num_warps=2, num_stages=2)
+    elif kernel in ("states", "dh"):
+        tiles = dict(BK=min(32, BK), BV=BV, num_warps=4, num_stages=2)
+    elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
         tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
     elif kernel == "grads":
         tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV, **wide)
-    elif kernel in ("states", "dh"):
-        tiles = sequential
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
