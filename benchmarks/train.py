@@ -17,7 +17,7 @@ trains like text (the loss falls) and needs no download.
 With several runs the table ends with each run's per-step losses against the first run's. The fast path
 against the plain PyTorch scan (same data and seed; the plain scan needs a smaller batch):
 
-    python benchmarks/train.py --steps 200 --tag -curves \
+    python benchmarks/train.py --steps 200 --tag=-curves \
         --run "plain=--model.init_args.scan_backend chunked --model.init_args.compile_blocks false \
             --model.init_args.recompute_scan_states false --model.init_args.chunked_loss false \
             --data.init_args.batch_size 4" \

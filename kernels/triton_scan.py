@@ -178,12 +178,9 @@ def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.c
 
 
 @triton.jit
-def _scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k:
-    one matmul of OPERAND_DT operands anchored at the middle row when the chunk's gate range allows it, else
-    elementwise."""
-    anchored, _, q_mid, k_mid = _anchored_operands(q, k, G, offs_c, valid, C, OPERAND_DT)
+def _scores(q, k, G, offs_c, anchored, q_mid, k_mid, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k
+    and `_anchored_operands`: one matmul when the chunk is anchored, else elementwise."""
     if anchored:
         A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
     else:
@@ -302,7 +299,8 @@ def _fwd_output_kernel(
     DT = q.dtype.element_ty
     _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    A = _scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
+    anchored, _, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, WIDE_DT)
+    A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_inter = (q_t * _exp(G) * scale).to(WIDE_DT)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
@@ -356,7 +354,7 @@ def _bwd_kernel(
     stride_q, stride_f, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr,
+    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
@@ -367,14 +365,16 @@ def _bwd_kernel(
     chunk = state_off - i_n + i_t
     DT = q.dtype.element_ty
 
-    # Registers bound this kernel (255 per thread, one 8-warp program per SM): only what the V loop needs, the
-    # scores A and k_end, is held across it. The gate and q are read again after the loop and recomputed in
-    # two steps (k for dq and dk, then sigmoid(+-f) and g for the chain rule), which took ptxas's spills from
-    # 176 to 48 bytes (bf16) and from 19 KiB to 620 bytes (float32). The stores in between keep the compiler
-    # from merging a reload with the earlier load.
-    _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+    # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
+    # the anchored operands across the V loop; otherwise only what the loop needs (A, k_end) is held, and the
+    # gate and q are read again after it and recomputed in two steps. Recomputing is 55% slower at bf16 on the
+    # H100 (kernels/NOTES.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
+    # spills): 16-bit inputs hold, float32 recomputes.
+    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
+                                                K, C)
     q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    A = _scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION)
+    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
+    A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
 
@@ -407,9 +407,11 @@ def _bwd_kernel(
     eye = offs_c[:, None] == offs_c[None, :]
     dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1) * scale
     dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
-    _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
+    if not HOLD_GATE:
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        q_t = q_t.to(tl.float32)
+        anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
     dq_t = dq_inter * _exp(G) * scale
     dk_state = dk_state * _exp(G_last[None, :] - G)
     if anchored:
@@ -436,8 +438,9 @@ def _bwd_kernel(
     # sigmoid(-f) and d lambda / db = -dk / db = sigmoid(-f), with d log(lambda) / d lambda = exp(-g). Through f
     # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
     # a bound even where lambda underflows.
-    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    g, _, sig, sig_neg = _gate(f_t, b, one_minus_b, mask_ck)
+    if not HOLD_GATE:
+        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        g, _, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck)
     inverse_lambda = _exp(-g)
     share = tl.where((b == 0)[None, :], 1.0, one_minus_b[None, :] * sig * inverse_lambda)
     df_t = sig_neg * (dg * share - dk_t * one_minus_b[None, :] * sig)
@@ -676,7 +679,7 @@ def scan_bwd(
         _bwd_kernel[(layout.n_chunks, H)](
             q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
             layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("grads", K, V, q.dtype),
-            ANCHORED_DT=tl.float32, **common,
+            ANCHORED_DT=tl.float32, HOLD_GATE=q.dtype != torch.float32, **common,
         )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
     return dq, df, dv, db, dh0
@@ -701,6 +704,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_initial_state = initial_state is not None
     ctx.output_final_state = output_final_state
     ctx.recompute_states = not save_states
+    # The chunk states are an output only so that autograd keeps them; left as None, their gradient is never
+    # materialised (a zero-filled buffer of the states' size: 0.5 GiB and 0.16 ms at the record shape).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, d_final, d_states):
