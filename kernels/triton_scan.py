@@ -714,6 +714,8 @@ def _backward(ctx, do, d_final, d_states):
     if ctx.recompute_states:
         states = scan_states(q, f, v, lower_bound, initial_state, cu_seqlens, ctx.reverse)
     d_final = d_final if ctx.output_final_state else None
+    if do is None:  # only the final state was used (grads are not materialised, see _setup_context)
+        do = torch.zeros_like(v)
     dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, states, do, d_final, cu_seqlens, ctx.scale, ctx.reverse,
                                    ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,

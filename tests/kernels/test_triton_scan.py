@@ -170,6 +170,24 @@ def test_recomputed_states_give_the_same_gradients_and_are_not_kept():
         assert relative_error(recomputed, saved) < 1e-6
 
 
+@pytest.mark.parametrize("used", ["output", "final_state"])
+def test_gradients_when_only_one_output_is_used(used):
+    """Unused outputs get no gradient buffer (autograd passes None): the backward must stand in for either."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(1, 45, 2, 16, device=DEVICE) for _ in range(3)] + [torch.rand(2, 16, device=DEVICE) * 0.9]
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("naive", torch.float64)):
+        xs = [x.to(dtype).requires_grad_() for x in inputs]
+        o, state = hgrn2_scan(*xs, output_final_state=True, backend=backend)
+        loss = o.square().sum() if used == "output" else state.square().sum()
+        grads[backend] = torch.autograd.grad(loss, xs, allow_unused=True)
+    for name, ours, exact in zip(["dq", "df", "di", "dlower_bound"], grads["triton"], grads["naive"]):
+        if exact is None:  # q does not reach the final state
+            assert not ours.any(), name
+        else:
+            assert relative_error(ours, exact) < TOLERANCE[torch.float32], name
+
+
 def test_forward_without_grad_keeps_no_states():
     """Inference: the op returns no chunk states (the forward still stores them for its output pass),
     and o and the final state are right, here packed, reversed and from an initial state."""
