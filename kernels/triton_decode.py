@@ -24,7 +24,7 @@ def _decode_kernel(
     q, f, v, lower_bound, state, o, stride_q, stride_f, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_BOUND: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (batch x heads) on the axis without a 65535 limit
     i_n, i_h = i_nh // H, i_nh % H
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -67,7 +67,7 @@ def decode_step(
     BV = min(32, triton.next_power_of_2(V))
     bound = q.new_empty(0) if lower_bound is None else lower_bound.float().contiguous()
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        _decode_kernel[(triton.cdiv(V, BV), B * H)](
+        _decode_kernel[(B * H, triton.cdiv(V, BV))](
             q, f, i, bound, state, o, q.stride(1), f.stride(1), i.stride(1), scale, T,
             H=H, K=K, V=V, BK=BK, BV=BV, HAS_BOUND=lower_bound is not None,
             num_warps=4 if BK * BV >= 2048 else 1,

@@ -205,12 +205,16 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _state_tile_program(i_k, i_v, i_nh, T, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
+def _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr):
     """What a sequential kernel's program owns: the [BK, BV] tile (K block i_k, V block i_v) of the state of
-    sequence and head i_nh. Its head, sequence bounds and chunk-state offset, the tile's offsets and masks, and
-    b and 1 - b of its K channels."""
+    sequence and head i_nh. Its sequence-head, head, sequence bounds and chunk-state offset, the tile's offsets
+    and masks, and b and 1 - b of its K channels. The grid is one axis, tiles of a state next to each other:
+    a second or third axis would stop at 65535 (Path-X's 2D scan has a million sequence-heads)."""
+    tiles_per_state: tl.constexpr = tl.cdiv(K, BK) * tl.cdiv(V, BV)
+    i_nh, i_kv = tl.program_id(0) // tiles_per_state, tl.program_id(0) % tiles_per_state
+    i_k, i_v = i_kv % tl.cdiv(K, BK), i_kv // tl.cdiv(K, BK)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -219,7 +223,7 @@ def _state_tile_program(i_k, i_v, i_nh, T, cu_seqlens, state_offsets, lower_boun
     mask_kv = mask_k[:, None] & mask_v[None, :]
     state_tile = offs_k[:, None] * V + offs_v[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-    return i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b
+    return i_nh, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b
 
 
 @triton.jit
@@ -240,10 +244,8 @@ def _fwd_states_kernel(
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    i_nh = tl.program_id(2)
-    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
-        _state_tile_program(tl.program_id(0), tl.program_id(1), i_nh, T, cu_seqlens, state_offsets, lower_bound,
-                            H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
+    i_nh, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
+        _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
     offs_c = tl.arange(0, C)
     S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
@@ -323,10 +325,8 @@ def _bwd_dh_kernel(
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    i_nh = tl.program_id(2)
-    i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
-        _state_tile_program(tl.program_id(0), tl.program_id(1), i_nh, T, cu_seqlens, state_offsets, lower_bound,
-                            H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
+    i_nh, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
+        _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
     length = eos - bos
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
     offs_c = tl.arange(0, C)
@@ -448,6 +448,11 @@ def _bwd_kernel(
     if HAS_BOUND:
         db_t = sig_neg * (dg * inverse_lambda - dk_t)
         tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
+
+
+def _state_programs(K: int, V: int, tiles: dict, walks: int) -> int:
+    """Grid of the sequential kernels: one program per state tile of every (sequence, head) walk."""
+    return triton.cdiv(K, tiles["BK"]) * triton.cdiv(V, tiles["BV"]) * walks
 
 
 def _block(n: int) -> int:
@@ -572,7 +577,7 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
     _, T, H, K = f.shape
     V = v.shape[-1]
     tiles = _tiles("states", K, V, f.dtype, layout.n_sequences * H, f.device)
-    _fwd_states_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), layout.n_sequences * H)](
+    _fwd_states_kernel[(_state_programs(K, V, tiles, layout.n_sequences * H),)](
         f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
         HAS_H0=has_h0, OUTPUT_FINAL=output_final_state, **tiles, **common,
     )
@@ -671,7 +676,7 @@ def scan_bwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         tiles = _tiles("dh", K, V, q.dtype, N * H, q.device)
-        _bwd_dh_kernel[(triton.cdiv(K, tiles["BK"]), triton.cdiv(V, tiles["BV"]), N * H)](
+        _bwd_dh_kernel[(_state_programs(K, V, tiles, N * H),)](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
             HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, **tiles, **common,

@@ -26,10 +26,11 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 
 
 def record_launches(run) -> list[tuple]:
-    """The (kernel, arguments, keyword arguments) of every launch `run()` makes; none is executed."""
+    """The (kernel, grid, arguments, keyword arguments) of every launch `run()` makes; none is executed."""
     launches = []
     original = KernelInterface.__getitem__
-    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: launches.append(
+        (kernel, grid, args, kwargs))
     try:
         run()
     finally:
@@ -37,7 +38,7 @@ def record_launches(run) -> list[tuple]:
     return launches
 
 
-def compile_for_sm90(kernel, args, kwargs) -> dict:
+def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
     """Compiles one recorded launch as the runtime would specialise it: pointers and multiples of 16 marked
     16-divisible, the constexprs and num_warps / num_stages the dispatch passed."""
     names = kernel.arg_names
@@ -58,17 +59,17 @@ def compile_for_sm90(kernel, args, kwargs) -> dict:
         signature[name] = "constexpr"
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    return {"kernel": kernel.__name__, "shared_bytes": compiled.metadata.shared, **options,
+    return {"kernel": kernel.__name__, "grid": list(grid), "shared_bytes": compiled.metadata.shared, **options,
             **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
 
 
-def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, **options):
+def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, **options):
     """Forward with states for the backward, then the backward, as autograd calls them. Many heads (H * B
     walks) give the sequential kernels their wide tiles, few their narrow ones."""
     from kernels.triton_scan import scan_bwd, scan_fwd
 
     def run():
-        B, T = 2, 100
+        T = 100
         q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
         bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
         cu_seqlens = options.get("cu_seqlens")
@@ -79,12 +80,12 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, **options):
     return run
 
 
-def decode(dtype: torch.dtype, K: int):
+def decode(dtype: torch.dtype, K: int, B: int = 4):
     from kernels.triton_decode import decode_step
 
     def run():
-        q, f, i = (torch.zeros(4, 1, 2, K, dtype=dtype) for _ in range(3))
-        decode_step(q, f, i, torch.zeros(2, K), torch.zeros(4, 2, K, K), 1.0)
+        q, f, i = (torch.zeros(B, 1, 2, K, dtype=dtype) for _ in range(3))
+        decode_step(q, f, i, torch.zeros(2, K), torch.zeros(B, 2, K, K), 1.0)
 
     return run
 
@@ -99,7 +100,12 @@ CASES = {
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "fp32 K128": scan_training_step(torch.float32, 128),
     "decode bf16 K128": decode(torch.bfloat16, 128),
+    # Path-X's 2D scan runs every image row as a sequence: 256 images x 128 rows x 32 heads of size 1.
+    "bf16 K1 Path-X rows": scan_training_step(torch.bfloat16, 1, H=32, B=256 * 128),
+    "decode bf16 K16 batch 40000": decode(torch.bfloat16, 16, B=40000),
 }
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+"""CUDA's largest grid, per axis."""
 
 
 def main() -> None:

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.kernels.sm90_launches import CASES, SHARED_MEMORY_LIMIT
+from tests.kernels.sm90_launches import CASES, GRID_LIMITS, SHARED_MEMORY_LIMIT
 
 ROOT = Path(__file__).resolve().parents[2]
 SCAN_KERNELS = 4  # states, outputs, dh, grads
 
 
-def test_every_launch_compiles_for_sm90_within_shared_memory():
+def test_every_launch_compiles_for_sm90_within_shared_memory_and_grid_limits():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_launches"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900, check=False)
@@ -25,3 +25,6 @@ def test_every_launch_compiles_for_sm90_within_shared_memory():
         assert len(compiled) == expected, (case, [launch["kernel"] for launch in compiled])
     too_big = [launch for launch in launches if launch["shared_bytes"] > SHARED_MEMORY_LIMIT]
     assert not too_big, too_big
+    # The GPU refuses a grid past these ("invalid argument"); the interpreter does not check them.
+    too_wide = [launch for launch in launches if any(n > limit for n, limit in zip(launch["grid"], GRID_LIMITS))]
+    assert not too_wide, too_wide
