@@ -156,4 +156,4 @@ class LanguageModel(TaskModule):
             print(f"\nvalidation bits per byte: {metrics['val/bits_per_byte']:.3f}{beside}")
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.optim, self.trainer.estimated_stepping_batches)
+        return configure_adamw(self, self.optim, self.trainer.estimated_stepping_batches, self.fused_optimizer)

@@ -218,4 +218,5 @@ class SequenceClassifier(TaskModule):
         print(f"\n{split} accuracy: {accuracy:.2%}{beside}")
 
     def configure_optimizers(self):
-        return configure_adamw(self, self.optim, self.schedule_steps or self.trainer.estimated_stepping_batches)
+        return configure_adamw(self, self.optim, self.schedule_steps or self.trainer.estimated_stepping_batches,
+                               self.fused_optimizer)

@@ -1,6 +1,7 @@
 """What the language, image and LRA LightningModules share: exact resume, a finite loss, clipping anywhere."""
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
@@ -26,11 +27,21 @@ class TaskModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         load_rng_states(checkpoint)
 
+    @property
+    def fused_optimizer(self) -> bool:
+        """Whether the optimizer may be one fused kernel (fewer passes over the weights and their moments than
+        foreach). Not under fp16's loss scaling, which a fused step undoes internally, after the clipping would
+        have seen scaled gradients, nor under FSDP, whose sharded weights keep foreach."""
+        return self.trainer.precision != "16-mixed" and not isinstance(self.trainer.strategy, FSDPStrategy)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # FSDP's precision plugin cannot clip by norm; the wrapped model computes the norm over all shards.
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(
-            self.trainer.strategy, FSDPStrategy
-        ):
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        if by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP's precision plugin cannot clip by norm; the wrapped model computes the norm over all shards.
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        elif by_norm and optimizer.defaults.get("fused"):
+            # Lightning's mixed-precision plugin refuses a fused optimizer (it expects one to unscale fp16
+            # gradients itself); without a scaler the gradients are the true ones, clipped here as it would.
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

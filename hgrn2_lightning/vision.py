@@ -264,4 +264,4 @@ class ImageClassifier(TaskModule):
             optim = replace(optim, lr=optim.lr * global_batch / self.lr_reference_batch)
             rank_zero_info(f"learning rate {optim.lr:.3g}: {self.optim.lr:.3g} x global batch {global_batch} / "
                            f"{self.lr_reference_batch}")
-        return configure_adamw(self, optim, total_steps)
+        return configure_adamw(self, optim, total_steps, self.fused_optimizer)

@@ -2,6 +2,8 @@
 
 import math
 
+import lightning as L
+
 import pytest
 import torch
 from torch import nn
@@ -211,3 +213,35 @@ def test_scan_options_reach_every_scan(monkeypatch):
     module.model(torch.randint(0, 50, (2, 9)))
     assert asked == [(True, "chunked")] * TINY["n_layers"]
     assert "scan_backend" not in module.hparams
+
+
+class RecordStepGradients(L.Callback):
+    """What the optimizer sees: whether it is fused and the gradients' norm just before each of its steps."""
+
+    def __init__(self):
+        self.fused, self.norms = None, []
+
+    def on_train_start(self, trainer, module) -> None:
+        optimizer = trainer.optimizers[0]
+        self.fused = optimizer.defaults["fused"]
+        optimizer.register_step_pre_hook(lambda *_: self.norms.append(torch.nn.utils.get_total_norm(
+            [p.grad for p in module.parameters() if p.grad is not None]).item()))
+
+
+@pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("16-mixed", False), ("32-true", True)])
+def test_fused_adamw_where_allowed_and_gradients_clipped_either_way(precision, fused):
+    """The fused optimizer runs wherever no fp16 loss scaler unscales inside it; Lightning's plugin would refuse
+    to clip for it, so the module clips itself, to the same norm."""
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        pytest.skip("Lightning's fp16 loss scaling needs CUDA")
+    torch.manual_seed(0)
+    module = LanguageModel(HGRN2Config(**TINY), vocab_size=50)
+    tokens = torch.randint(0, 50, (32, 17))
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
+    recorder = RecordStepGradients()
+    trainer = L.Trainer(max_steps=3, precision=precision, gradient_clip_val=1e-3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[recorder])
+    trainer.fit(module, batches)
+    assert recorder.fused is fused
+    assert len(recorder.norms) == 3 and max(recorder.norms) <= 1e-3 * (1 + 1e-3), recorder.norms
