@@ -186,17 +186,21 @@ class GLU(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a sample's whole residual branch, rescale the survivors."""
+    """Stochastic depth: drop a sample's whole residual branch, rescale the survivors.
+
+    The keep probability is a tensor (a buffer, not saved): torch.compile then treats it as an input, so the
+    blocks of a stack, each with its own rate, share one compiled graph instead of one each."""
 
     def __init__(self, rate: float):
         super().__init__()
-        self.rate = rate
+        self.active = rate > 0
+        self.register_buffer("keep_prob", torch.tensor(1 - rate), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.rate == 0:
+        if not self.training or not self.active:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.rate)
-        return x * keep / (1 - self.rate)
+        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < self.keep_prob
+        return x * (keep / self.keep_prob).to(x.dtype)
 
 
 class Block(nn.Module):

@@ -126,6 +126,7 @@ class ImageClassifier(TaskModule):
         optim: OptimConfig = OptimConfig(),
         warmup_epochs: float = 0.0,
         lr_reference_batch: int | None = None,
+        compile_blocks: bool = False,
     ):
         """
         Args:
@@ -142,6 +143,10 @@ class ImageClassifier(TaskModule):
             lr_reference_batch: if set, optim.lr is the rate for a global batch of this size and the rate
                 used is optim.lr * global batch / lr_reference_batch (DeiT's linear scaling with 512), the
                 global batch being data.batch_size x devices x nodes x accumulate_grad_batches.
+            compile_blocks: compile each block with torch.compile (norms, gates, activations and residual adds
+                fused around the scans, which stay custom ops: no graph break); all blocks share one graph,
+                whatever their drop-path rates. The first step waits for the compilation. Not stored in the
+                checkpoint's hyperparameters.
         """
         super().__init__()
         if not num_classes or num_classes < 2:
@@ -157,10 +162,13 @@ class ImageClassifier(TaskModule):
             raise ValueError(
                 f"both warmup_epochs ({warmup_epochs}) and optim.warmup_steps ({optim.warmup_steps}) are set: keep one"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["compile_blocks"])
         self.optim, self.num_classes, self.label_smoothing = optim, num_classes, label_smoothing
         self.warmup_epochs, self.lr_reference_batch = warmup_epochs, lr_reference_batch
         self.model = PatchClassifier(backbone, num_classes, image_size, patch_size, in_channels)
+        if compile_blocks:
+            for block in self.model.backbone.blocks:
+                block.compile()
         self.mixup = (
             Mixup(
                 mixup_alpha=mixup.mixup_alpha,

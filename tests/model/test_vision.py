@@ -25,7 +25,8 @@ NO_MIXUP = MixupConfig(mixup_alpha=0.0, cutmix_alpha=0.0)
 
 def backbone(direction: str = "bidirectional", **kwargs) -> HGRN2Config:
     grid = (4, 4) if direction == "2d" else None
-    return HGRN2Config(d_model=32, n_layers=2, expand_ratio=8, direction=direction, grid=grid, **kwargs)
+    return HGRN2Config(**{"d_model": 32, "n_layers": 2, "expand_ratio": 8, "direction": direction, "grid": grid,
+                          **kwargs})
 
 
 def test_patchify_cuts_row_major_patches_flattened_row_column_channel():
@@ -262,3 +263,27 @@ def test_benchmark_script_runs_its_cpu_smoke_path(capsys):
     names = {row["model"] for row in results["models"]}
     assert {"hgrn2_vit_tiny", "hgrn2_vit_small", "deit_tiny_patch16_224"} <= names
     assert all(row["images_per_s"] > 0 for row in results["models"])
+
+
+def test_compiled_blocks_compute_the_same_and_share_one_graph_across_drop_path_rates():
+    """compile_blocks: the same outputs and gradients as eager (drop path off), and with drop path on, the
+    blocks of different rates share one graph (the first block, whose rate is 0, has its own), with no break."""
+    images = torch.randn(4, 3, 16, 16)
+    results = []
+    for compile_blocks in (False, True):
+        torch.manual_seed(0)
+        module = ImageClassifier(backbone(n_layers=2), num_classes=6, image_size=16, patch_size=4,
+                                 compile_blocks=compile_blocks)
+        logits = module(images)
+        results.append([logits, *torch.autograd.grad(logits.square().sum(), list(module.parameters()))])
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert "compile_blocks" not in module.hparams
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    module = ImageClassifier(backbone(n_layers=4, drop_path=0.3), num_classes=6, image_size=16, patch_size=4,
+                             compile_blocks=True)
+    module(images).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert not torch._dynamo.utils.counters["graph_break"]
