@@ -33,9 +33,12 @@ GPU_ENV := python3 -m pip install -q --no-index --no-deps --no-compile --upgrade
 test-gpu:
 	$(GPU_ENV) python3 -m pytest -q -m gpu
 
+# Every single-GPU benchmark, each writing its results under benchmarks/results. fla's autotuning takes minutes
+# per shape, so the whole run takes over half an hour: where commands are time-limited, run them one by one.
 bench:
 	$(GPU_ENV) python3 benchmarks/scan.py && python3 benchmarks/generate.py && \
-		python3 benchmarks/train.py --run "1gpu=" --baselines llama
+		python3 benchmarks/train.py --run "1gpu=" --baselines llama && python3 benchmarks/step_profile.py && \
+		python3 benchmarks/vision.py && python3 benchmarks/lra.py
 
 # Two GPUs: the LM under DDP and FSDP, the ViT with repeated augmentation, resuming across device counts.
 bench-scaling:
