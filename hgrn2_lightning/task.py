@@ -39,9 +39,10 @@ class TaskModule(L.LightningModule):
         if by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
             # FSDP's precision plugin cannot clip by norm; the wrapped model computes the norm over all shards.
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
-        elif by_norm and optimizer.defaults.get("fused"):
+        elif gradient_clip_val and optimizer.defaults.get("fused"):
             # Lightning's mixed-precision plugin refuses a fused optimizer (it expects one to unscale fp16
             # gradients itself); without a scaler the gradients are the true ones, clipped here as it would.
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            clip = torch.nn.utils.clip_grad_norm_ if by_norm else torch.nn.utils.clip_grad_value_
+            clip(self.parameters(), gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -216,20 +216,27 @@ def test_scan_options_reach_every_scan(monkeypatch):
 
 
 class RecordStepGradients(L.Callback):
-    """What the optimizer sees: whether it is fused and the gradients' norm just before each of its steps."""
+    """What the optimizer used: whether it is fused, and the gradients' norm and largest entry at each of its steps
+    (read after the step: Lightning's step runs the backward and the clipping inside, so before it there are none)."""
 
     def __init__(self):
-        self.fused, self.norms = None, []
+        self.fused, self.norms, self.largest = None, [], []
 
     def on_train_start(self, trainer, module) -> None:
         optimizer = trainer.optimizers[0]
         self.fused = optimizer.defaults["fused"]
-        optimizer.register_step_pre_hook(lambda *_: self.norms.append(torch.nn.utils.get_total_norm(
-            [p.grad for p in module.parameters() if p.grad is not None]).item()))
+        optimizer.register_step_post_hook(lambda *_: self.record(module))
+
+    def record(self, module) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.norms.append(torch.nn.utils.get_total_norm(grads).item())
+        self.largest.append(max(g.abs().max().item() for g in grads))
 
 
-@pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("16-mixed", False), ("32-true", True)])
-def test_fused_adamw_where_allowed_and_gradients_clipped_either_way(precision, fused):
+@pytest.mark.parametrize("precision, fused, algorithm", [
+    ("bf16-mixed", True, "norm"), ("bf16-mixed", True, "value"), ("16-mixed", False, "norm"),
+    ("32-true", True, "norm")])
+def test_fused_adamw_where_allowed_and_gradients_clipped_either_way(precision, fused, algorithm):
     """The fused optimizer runs wherever no fp16 loss scaler unscales inside it; Lightning's plugin would refuse
     to clip for it, so the module clips itself, to the same norm."""
     if precision == "16-mixed" and not torch.cuda.is_available():
@@ -239,9 +246,11 @@ def test_fused_adamw_where_allowed_and_gradients_clipped_either_way(precision, f
     tokens = torch.randint(0, 50, (32, 17))
     batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
     recorder = RecordStepGradients()
-    trainer = L.Trainer(max_steps=3, precision=precision, gradient_clip_val=1e-3, logger=False,
+    trainer = L.Trainer(max_steps=3, precision=precision, gradient_clip_val=1e-3,
+                        gradient_clip_algorithm=algorithm, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[recorder])
     trainer.fit(module, batches)
     assert recorder.fused is fused
-    assert len(recorder.norms) == 3 and max(recorder.norms) <= 1e-3 * (1 + 1e-3), recorder.norms
+    clipped = recorder.norms if algorithm == "norm" else recorder.largest
+    assert len(clipped) == 3 and max(clipped) <= 1e-3 * (1 + 1e-3), clipped
