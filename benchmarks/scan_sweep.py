@@ -9,6 +9,8 @@ so they must agree to bf16 rounding.
 A candidate that does not fit the GPU (registers, shared memory) is recorded as such.
 
     python benchmarks/scan_sweep.py [--lengths 2048 16384] [--out benchmarks/results]
+    python benchmarks/scan_sweep.py --tokens 65536 --lengths 256 --heads 3 --head-dim 64 --kernels output grads
+                                    # the ViT-tiny's scans (B 256, T 256, three 64-wide heads)
     python benchmarks/scan_sweep.py --smoke     CPU interpreter, tiny shape, two launches per kernel
 """
 
@@ -47,6 +49,11 @@ CANDIDATES = {
     + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
     "grads": _grid(BV=[64], num_warps=[8], num_stages=[2, 3])
     + _grid(BV=[64], num_warps=[8], num_stages=[3], maxnreg=[128, 168]),
+}
+SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
+    **CANDIDATES,
+    "output": _grid(BV=[64], num_warps=[2, 4, 8], num_stages=[2, 3]),
+    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 3], HOLD_GATE=[True, False]),
 }
 
 
@@ -96,22 +103,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
+    parser.add_argument("--chunk", type=int, default=triton_scan.CHUNK, help="the kernels' chunk length C")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, two launches per kernel")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
+    triton_scan.CHUNK = args.chunk
     lengths = [40] if args.smoke else args.lengths
     dtype = torch.float32 if args.smoke else torch.bfloat16
     result = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "date": date.today().isoformat(),
-              "torch": torch.__version__, "triton": triton.__version__, "kernels": {}}
+              "torch": torch.__version__, "triton": triton.__version__,
+              "shape": {"tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim, "chunk": args.chunk},
+              "kernels": {}}
     for kernel in args.kernels:
         result["kernels"][kernel] = {"default": {}, "rows": {}, "best": {}}
         for T in lengths:
-            B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, 16, 128)
+            B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, args.heads, args.head_dim)
             # The default launch (it depends on B * H for the sequential kernels) is timed first: the one to beat.
             default = triton_scan._tiles(kernel, K, K, dtype, B * H, torch.device(device))
-            candidates = [default] + [c for c in CANDIDATES[kernel] if {**default, **c} != default]
+            pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
+            candidates = [default] + [c for c in pool[kernel] if {**default, **c} != default]
             candidates = candidates[:2] if args.smoke else candidates
             step = training_step(B, T, H, K, dtype, device)
             rows = sweep(kernel, candidates, step, timed=not args.smoke)
@@ -121,7 +135,9 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         name = "cpu" if args.smoke else result["device"].replace("NVIDIA ", "").split()[0].lower()
-        (out / f"scan-sweep-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        shape = "" if (args.heads, args.head_dim) == (16, 128) else f"-H{args.heads}-K{args.head_dim}"
+        shape += "" if args.chunk == 32 else f"-C{args.chunk}"
+        (out / f"scan-sweep-{name}{shape}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

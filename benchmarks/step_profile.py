@@ -35,6 +35,30 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS.items() if re.search(pattern, name)), "other")
 
 
+def kernel_times(step, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """GPU ms per step of each kernel that `steps` calls of `step` launch, and their sums by kind."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = defaultdict(float)
+    for event in profile.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] += event.device_time_total / 1e3 / steps
+    kinds: dict[str, float] = defaultdict(float)
+    for name, ms in kernels.items():
+        kinds[kind_of(name)] += ms
+    return kernels, kinds
+
+
+def print_kernel_times(kernels: dict[str, float], kinds: dict[str, float], top: int = 25) -> None:
+    print("GPU kernel time per step by kind:")
+    for kind, ms in sorted(kinds.items(), key=lambda item: -item[1]):
+        print(f"  {kind:22s} {ms:7.2f} ms")
+    for name, ms in sorted(kernels.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {ms:7.2f}  {name[:110]}")
+
+
 def build(config_path: str) -> LanguageModel:
     args = yaml.safe_load(Path(config_path).read_text())["model"]["init_args"]
     options = {k: v for k, v in args.items() if k not in ("backbone", "optim")}
@@ -75,18 +99,7 @@ def main() -> None:
     torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) / args.steps
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-    kernels: dict[str, float] = defaultdict(float)
-    for event in profile.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] += event.device_time_total / 1e3 / args.steps
-    kinds: dict[str, float] = defaultdict(float)
-    for name, ms in kernels.items():
-        kinds[kind_of(name)] += ms
-
+    kernels, kinds = kernel_times(step, args.steps)
     tokens_per_step = args.batch * args.seq_len
     result = {
         "device": torch.cuda.get_device_name(), "date": str(date.today()), "torch": torch.__version__,
@@ -95,11 +108,8 @@ def main() -> None:
         "kernel_ms_by_kind": dict(sorted(kinds.items(), key=lambda item: -item[1])),
         "top_kernels_ms": dict(sorted(kernels.items(), key=lambda item: -item[1])[:25]),
     }
-    print(f"step {wall_ms:.1f} ms ({result['tokens_per_s']:,.0f} tokens/s); GPU kernel time per step by kind:")
-    for kind, ms in result["kernel_ms_by_kind"].items():
-        print(f"  {kind:22s} {ms:7.1f} ms")
-    for name, ms in result["top_kernels_ms"].items():
-        print(f"  {ms:7.2f}  {name[:110]}")
+    print(f"step {wall_ms:.1f} ms ({result['tokens_per_s']:,.0f} tokens/s)")
+    print_kernel_times(kernels, kinds)
     gpu = re.sub(r"[^a-z0-9]+", "", torch.cuda.get_device_name().lower().split()[1])
     out = Path(args.out) / f"step-profile-{gpu}-T{args.seq_len}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,14 @@ patches (DeiT's 196 tokens rather than 256), and timm's deit_tiny_patch16_224 an
 
     python benchmarks/vision.py [--batch 256] [--steps 30] [--compile] [--out benchmarks/results]
     python benchmarks/vision.py --smoke     # CPU, tiny images, a few steps: checks the script runs
+    python benchmarks/vision.py --compile --profile hgrn2_vit_tiny   # also where its step's GPU time goes
 """
 
 import argparse
 import json
 import platform
 import re
+import sys
 import time
 from dataclasses import replace
 from datetime import date
@@ -26,6 +28,9 @@ import yaml
 
 from hgrn2_lightning.model import HGRN2Config
 from hgrn2_lightning.vision import PatchClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_profile import kernel_times, print_kernel_times  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 1000
@@ -61,8 +66,10 @@ def contenders(smoke: bool) -> dict:
     }
 
 
-def measure(model: torch.nn.Module, image_size: int, batch: int, warmup: int, steps: int, compile: bool) -> dict:
-    """Images/s of training steps after `warmup` untimed ones, and the peak memory of the run."""
+def measure(model: torch.nn.Module, image_size: int, batch: int, warmup: int, steps: int, compile: bool,
+            profile: bool = False) -> dict:
+    """Images/s of training steps after `warmup` untimed ones, and the peak memory of the run; with `profile`, then
+    the GPU time per step of each kernel (printed)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last).train()
@@ -95,6 +102,8 @@ def measure(model: torch.nn.Module, image_size: int, batch: int, warmup: int, st
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if profile:
+        print_kernel_times(*kernel_times(train_step, steps))
     return {"params_m": round(params / 1e6, 2), "images_per_s": round(batch * steps / seconds, 1), "peak_gib": peak}
 
 
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (both sides)")
+    parser.add_argument("--profile", choices=list(contenders(smoke=False)), help="print where this model's step goes")
+    parser.add_argument("--only", choices=list(contenders(smoke=False)), nargs="+", help="measure these models only")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny images, 2 steps; writes nothing")
     args = parser.parse_args(argv)
@@ -114,14 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for name, (build, image_size) in contenders(args.smoke).items():
+        if args.only and name not in args.only:
+            continue
         torch.manual_seed(0)
         row = {"model": name, "image_size": image_size, **measure(build(), image_size, args.batch, args.warmup,
-                                                                   args.steps, args.compile)}
+                                                                   args.steps, args.compile, name == args.profile)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    reference = next(r["images_per_s"] for r in rows if r["model"] == "deit_tiny_patch16_224")
+    reference = next((r["images_per_s"] for r in rows if r["model"] == "deit_tiny_patch16_224"), None)
     for row in rows:
-        row["vs_deit_tiny"] = round(row["images_per_s"] / reference, 3)
+        if reference:
+            row["vs_deit_tiny"] = round(row["images_per_s"] / reference, 3)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     results = {
         "benchmark": "training images/s: forward + backward + fused AdamW, bf16 autocast, channels-last",
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "models": rows,
     }
-    if not args.smoke:
+    if not (args.smoke or args.only):  # the results file holds the whole comparison
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"vision-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}.json"

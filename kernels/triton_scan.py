@@ -205,15 +205,17 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
+def _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr):
     """What a sequential kernel's program owns: the [BK, BV] tile (K block i_k, V block i_v) of the state of
-    sequence and head i_nh. Its sequence-head, head, sequence bounds and chunk-state offset, the tile's offsets
-    and masks, and b and 1 - b of its K channels. The grid is one axis, tiles of a state next to each other:
-    a second or third axis would stop at 65535 (Path-X's 2D scan has a million sequence-heads)."""
+    sequence and head i_nh, over segment i_seg of its chunks (see `_segments`). Its sequence-head, segment,
+    head, sequence bounds and chunk-state offset, the tile's offsets and masks, and b and 1 - b of its K
+    channels. The grid is one axis, tiles of a state next to each other: a second or third axis would stop
+    at 65535 (Path-X's 2D scan has a million sequence-heads)."""
     tiles_per_state: tl.constexpr = tl.cdiv(K, BK) * tl.cdiv(V, BV)
-    i_nh, i_kv = tl.program_id(0) // tiles_per_state, tl.program_id(0) % tiles_per_state
+    i_walk, i_kv = tl.program_id(0) // tiles_per_state, tl.program_id(0) % tiles_per_state
+    i_nh, i_seg = i_walk // n_segments, i_walk % n_segments
     i_k, i_v = i_kv % tl.cdiv(K, BK), i_kv // tl.cdiv(K, BK)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
@@ -223,7 +225,18 @@ def _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H: tl.constex
     mask_kv = mask_k[:, None] & mask_v[None, :]
     state_tile = offs_k[:, None] * V + offs_v[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-    return i_nh, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b
+    return (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile,
+            b, one_minus_b)
+
+
+@triton.jit
+def _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k, state_tile,
+                       mask_kv, K: tl.constexpr, V: tl.constexpr):
+    """A segment program's results for `_segment_carry_kernel`: its local end tile (float32) and the gate sum D
+    over its chunks (the first V block writes that)."""
+    i_segment = i_nh.to(tl.int64) * n_segments + i_seg
+    tl.store(segment_ends + i_segment * K * V + state_tile, S, mask=mask_kv)
+    tl.store(segment_decays + i_segment * K + offs_k, D, mask=mask_k & (i_v == 0))
 
 
 @triton.jit
@@ -239,20 +252,27 @@ def _initial_tile(x, i_nh, state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr
 
 @triton.jit
 def _fwd_states_kernel(
-    f, v, lower_bound, h0, states, final_state, cu_seqlens, state_offsets, stride_f, stride_v, T,
+    f, v, lower_bound, h0, states, final_state, chunk_decays, segment_ends, segment_decays, cu_seqlens,
+    state_offsets, stride_f, stride_v, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, SEGMENTED: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    i_nh, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
-        _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
+                                        HAS_BOUND, IS_VARLEN)
     length = eos - bos
     offs_c = tl.arange(0, C)
-    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
+    S = tl.where(i_seg == 0, _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0), 0.0)
+    D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
     n_chunks = tl.cdiv(length, C)
-    for i_t in range(0, n_chunks):
+    first = i_seg * segment_chunks
+    last = tl.minimum(first + segment_chunks, n_chunks)
+    for i_t in range(first, last):
         tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
                  mask=mask_kv)
+        if SEGMENTED:
+            tl.store(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
@@ -260,10 +280,18 @@ def _fwd_states_kernel(
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
                       other=0.0)
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
-    # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
-    tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
-             mask=mask_kv)
-    if OUTPUT_FINAL:
+        D += G_last
+    if last == n_chunks:
+        # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
+        tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
+                 mask=mask_kv)
+    if SEGMENTED:
+        if last == n_chunks:
+            tl.store(chunk_decays + ((state_off + n_chunks) * H + i_h) * K + offs_k, D,
+                     mask=mask_k & (i_v == 0))
+        _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
+                           mask_k, state_tile, mask_kv, K, V)
+    elif OUTPUT_FINAL:
         tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
 
 
@@ -319,23 +347,30 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_dh_kernel(
-    q, f, do, lower_bound, d_final, dstates, dh0, cu_seqlens, state_offsets,
-    stride_q, stride_f, scale, T,
+    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, cu_seqlens,
+    state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    i_nh, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b, one_minus_b = (
-        _state_tile_program(T, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV, HAS_BOUND, IS_VARLEN))
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
+                                        HAS_BOUND, IS_VARLEN)
     length = eos - bos
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
     offs_c = tl.arange(0, C)
-    dS = _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL)
+    dS = tl.where(i_seg == n_segments - 1, _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL),
+                  0.0)
+    D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
     n_chunks = tl.cdiv(length, C)
-    for j in range(0, n_chunks):
-        i_t = n_chunks - 1 - j
+    first = i_seg * segment_chunks
+    last = tl.minimum(first + segment_chunks, n_chunks)
+    for j in range(0, last - first):
+        i_t = last - 1 - j
         tl.store(dstates + ((chunk_off + i_t) * H + i_h) * K * V + state_tile, dS.to(dstates.dtype.element_ty),
                  mask=mask_kv)
+        if SEGMENTED:
+            tl.store(chunk_decays + ((chunk_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
@@ -344,8 +379,59 @@ def _bwd_dh_kernel(
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
         dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
-    if WRITE_DH0:
+        D += G_last
+    if SEGMENTED:
+        _store_segment_end(dS, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
+                           state_tile, mask_kv, K, V)
+    elif WRITE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
+
+
+@triton.jit
+def _segment_carry_kernel(
+    chunk_states, chunk_decays, segment_ends, segment_decays, boundary_state, cu_seqlens, state_offsets, T,
+    n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BACKWARD: tl.constexpr, WRITE_BOUNDARY: tl.constexpr,
+):
+    """The second half of a segmented walk (equal lengths only). Each segment program above started from zero
+    (except the one at the walk's start, which had the true initial tile); this adds what the segments before
+    it carry in: carry = sum over earlier segments j of exp(gate sums of the segments between) * end_j, then
+    every chunk state of the segment += exp(D_chunk) * carry, D_chunk its gate sum from the segment's start.
+    BACKWARD (the dh walk) runs from the sequence's end: "earlier" segments are the later ones. The program of
+    the segment where the walk ends writes the float32 boundary state (the final state, or dh0)."""
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, chunk_decays, H, K, V, C, BK, BV,
+                                        False, False)
+    n_chunks = tl.cdiv(T, C)
+    slot_off = state_off - i_n if BACKWARD else state_off  # dh has one slot per chunk, the states one more
+    walk_pos = n_segments - 1 - i_seg if BACKWARD else i_seg  # segments before this one in walk order
+    carry = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(0, walk_pos):
+        i_j = n_segments - 1 - j if BACKWARD else j
+        i_segment = i_nh.to(tl.int64) * n_segments + i_j
+        decay = tl.load(segment_decays + i_segment * K + offs_k, mask=mask_k, other=0.0)
+        end = tl.load(segment_ends + i_segment * K * V + state_tile, mask=mask_kv, other=0.0)
+        carry = carry * _exp(decay)[:, None] + end
+    first = i_seg * segment_chunks
+    last = tl.minimum(first + segment_chunks, n_chunks)
+    if BACKWARD:
+        end_slot = last
+    else:
+        end_slot = last + (last == n_chunks).to(tl.int32)  # and the slot after the sequence's last chunk
+    if walk_pos > 0:
+        for i_t in range(first, end_slot):
+            slot = ((slot_off + i_t) * H + i_h) * K
+            decay = tl.load(chunk_decays + slot + offs_k, mask=mask_k, other=0.0)
+            tile = chunk_states + slot * V + state_tile
+            local = tl.load(tile, mask=mask_kv, other=0.0).to(tl.float32)
+            tl.store(tile, (local + _exp(decay)[:, None] * carry).to(chunk_states.dtype.element_ty), mask=mask_kv)
+    if WRITE_BOUNDARY and walk_pos == n_segments - 1:
+        i_segment = i_nh.to(tl.int64) * n_segments + i_seg
+        decay = tl.load(segment_decays + i_segment * K + offs_k, mask=mask_k, other=0.0)
+        end = tl.load(segment_ends + i_segment * K * V + state_tile, mask=mask_kv, other=0.0)
+        tl.store(boundary_state + i_nh.to(tl.int64) * K * V + state_tile, carry * _exp(decay)[:, None] + end,
+                 mask=mask_kv)
 
 
 @triton.jit
@@ -451,8 +537,62 @@ def _bwd_kernel(
 
 
 def _state_programs(K: int, V: int, tiles: dict, walks: int) -> int:
-    """Grid of the sequential kernels: one program per state tile of every (sequence, head) walk."""
+    """Grid of the sequential kernels: one program per state tile of every (sequence, head) walk (or segment)."""
     return triton.cdiv(K, tiles["BK"]) * triton.cdiv(V, tiles["BV"]) * walks
+
+
+MIN_SEGMENT_CHUNKS = 2
+
+
+def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | None) -> int:
+    """Into how many segments each walk of the sequential kernels is cut. A walk is a chain of dependent chunk
+    steps, so with few walks (long sequences, small batches: T 16K x 2) most SMs would wait: then each walk is
+    cut into segments run at once from a zero state, and `_segment_carry_kernel` adds what the earlier segments
+    carry in (the chunk states are read and written once more). Enough segments for 4 programs of 64 x 64
+    tiles per SM; none where the walks alone give 2 (equal lengths only: packed sequences are not cut)."""
+    programs = walks * triton.cdiv(K, 64) * triton.cdiv(V, 64)
+    if programs >= 2 * _sm_count(device):
+        return 1
+    return max(1, min(triton.cdiv(4 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
+
+
+class _Walks:
+    """How the sequential kernel `kernel` ("states" or "dh") walks the chunks: its tiles, the segments of each walk
+    (see `_segments`), the kernel arguments that say so and the buffers the segments hand to the carry pass."""
+
+    def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.H, self.K, self.V = H, K, V
+        walks = layout.n_sequences * H
+        n_chunks = triton.cdiv(T, CHUNK)
+        self.n_segments = 1 if layout.is_varlen else _segments(n_chunks, walks, K, V, device)
+        segment_chunks = triton.cdiv(n_chunks, self.n_segments)
+        self.n_segments = triton.cdiv(n_chunks, segment_chunks) if n_chunks else 1
+        self.segmented = self.n_segments > 1
+        self.segment_chunks = segment_chunks if self.segmented else 2**30  # unsegmented: one walk, any length
+        self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device)
+        self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
+        slots = layout.n_states if kernel == "states" else layout.n_chunks
+        shape = lambda *dims: dims if self.segmented else (0,)
+        self.chunk_decays = torch.empty(shape(slots, H, K), dtype=torch.float32, device=device)
+        self.segment_ends = torch.empty(shape(walks * self.n_segments, K, V), dtype=torch.float32, device=device)
+        self.segment_decays = torch.empty(shape(walks * self.n_segments, K), dtype=torch.float32, device=device)
+
+    def kernel_args(self) -> tuple:
+        """The walk's arguments of the states and dh kernels (after their outputs), in their order."""
+        return self.chunk_decays, self.segment_ends, self.segment_decays
+
+    def carry(self, chunk_states: Tensor, boundary: Tensor | None, layout: "_Layout", T: int, backward: bool) -> None:
+        """The carry pass of a segmented walk: fixes the chunk states and writes the boundary state (final or dh0)."""
+        if not self.segmented:
+            return
+        tiles = {name: value for name, value in self.tiles.items() if name != "num_stages"}
+        _segment_carry_kernel[self.grid](
+            chunk_states, self.chunk_decays, self.segment_ends, self.segment_decays,
+            boundary if boundary is not None else self.segment_ends, layout.cu_seqlens, layout.state_offsets, T,
+            self.n_segments, self.segment_chunks, H=self.H, K=self.K, V=self.V, C=CHUNK, BACKWARD=backward,
+            WRITE_BOUNDARY=boundary is not None, **tiles,
+        )
 
 
 def _block(n: int) -> int:
@@ -488,7 +628,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
     elif kernel == "grads":
-        tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV, **wide)
+        tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV,
+                     HOLD_GATE=dtype != torch.float32, **wide)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
@@ -576,11 +717,13 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
     """The sequential states pass: every chunk's starting state into `states` (and the final state)."""
     _, T, H, K = f.shape
     V = v.shape[-1]
-    tiles = _tiles("states", K, V, f.dtype, layout.n_sequences * H, f.device)
-    _fwd_states_kernel[(_state_programs(K, V, tiles, layout.n_sequences * H),)](
-        f, v, bound, h0, states, final, layout.cu_seqlens, layout.state_offsets, f.stride(1), v.stride(1), T,
-        HAS_H0=has_h0, OUTPUT_FINAL=output_final_state, **tiles, **common,
+    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device)
+    _fwd_states_kernel[walks.grid](
+        f, v, bound, h0, states, final, *walks.kernel_args(), layout.cu_seqlens, layout.state_offsets, f.stride(1),
+        v.stride(1), T, walks.n_segments, walks.segment_chunks, HAS_H0=has_h0, OUTPUT_FINAL=output_final_state,
+        SEGMENTED=walks.segmented, **walks.tiles, **common,
     )
+    walks.carry(states, final if output_final_state else None, layout, T, backward=False)
 
 
 @torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
@@ -675,16 +818,18 @@ def scan_bwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        tiles = _tiles("dh", K, V, q.dtype, N * H, q.device)
-        _bwd_dh_kernel[(_state_programs(K, V, tiles, N * H),)](
+        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device)
+        _bwd_dh_kernel[walks.grid](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
-            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
-            HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0, **tiles, **common,
+            *walks.kernel_args(), layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
+            walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0,
+            SEGMENTED=walks.segmented, **walks.tiles, **common,
         )
+        walks.carry(dstates, dh0 if want_dh0 else None, layout, T, backward=True)
         _bwd_kernel[(layout.n_chunks, H)](
             q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
             layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("grads", K, V, q.dtype),
-            ANCHORED_DT=tl.float32, HOLD_GATE=q.dtype != torch.float32, **common,
+            ANCHORED_DT=tl.float32, **common,
         )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
     return dq, df, dv, db, dh0

@@ -90,15 +90,15 @@ def decode(dtype: torch.dtype, K: int, B: int = 4):
     return run
 
 
-CASES = {
-    "bf16 K128": scan_training_step(torch.bfloat16, 128),
+CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton_scan._segments)
+    "bf16 K128 few heads": scan_training_step(torch.bfloat16, 128),
     "bf16 K128 packed reverse": scan_training_step(
         torch.bfloat16, 128, cu_seqlens=torch.tensor([0, 37, 200], dtype=torch.int32), reverse=True),
-    "fp16 K128": scan_training_step(torch.float16, 128),
-    "fp32 K256": scan_training_step(torch.float32, 256),
-    "bf16 K16": scan_training_step(torch.bfloat16, 16),
+    "fp16 K128 few heads": scan_training_step(torch.float16, 128),
+    "fp32 K256 few heads": scan_training_step(torch.float32, 256),
+    "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
-    "fp32 K128": scan_training_step(torch.float32, 128),
+    "fp32 K128 few heads": scan_training_step(torch.float32, 128),
     "decode bf16 K128": decode(torch.bfloat16, 128),
     # Path-X's 2D scan runs every image row as a sequence: 256 images x 128 rows x 32 heads of size 1.
     "bf16 K1 Path-X rows": scan_training_step(torch.bfloat16, 1, H=32, B=256 * 128),

@@ -103,6 +103,28 @@ def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
     assert_close_to_oracle(compare_with_oracle(T=70, K=64), torch.float32)
 
 
+def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
+    """The sequential kernels cut each walk into segments when the walks alone leave SMs idle: T 16K x 2 with
+    8 heads of 128 gives 64 programs on the H100's 132 SMs, so 9 segments; T 2K x 16 needs none. Cut walks (here
+    5 segments of 2 chunks, both directions, initial state, final state) match the float64 loop."""
+    assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 9
+    assert triton_scan._segments(n_chunks=64, walks=128, K=128, V=128, device=None) == 1
+    walks = []
+    original = triton_scan._Walks.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        walks.append(self.n_segments)
+
+    monkeypatch.setattr(triton_scan._Walks, "__init__", recording)
+    for reverse in (False, True):
+        assert_close_to_oracle(compare_with_oracle(T=300, reverse=reverse), torch.float32)
+    assert walks == [5, 5] * 2
+    walks.clear()
+    compare_with_oracle(B=1, T=300, lengths=[100, 200])
+    assert walks == [1, 1], "packed sequences are walked whole"
+
+
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
 def test_interpreted_kernels_in_float16():
     assert_close_to_oracle(compare_with_oracle(T=70, dtype=torch.float16), torch.float16)
