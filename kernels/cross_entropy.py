@@ -6,11 +6,15 @@ in the compute dtype, their fp32 copy, and the same again for their gradient: at
 computes, per chunk, the logits, the loss and at once the gradient of the loss with respect to the
 hidden states and the head's weight; only those gradients (the size of the inputs) are kept, and the
 backward pass scales them. The result equals `F.cross_entropy(hidden @ weight.T, targets)` and its
-gradients; under autocast the matmuls run in the autocast dtype, as the head's Linear would.
+gradients; under autocast the matmuls run in the autocast dtype, as the head's Linear would. On CUDA what
+lies between the matmuls (log-sum-exp, softmax - one_hot) is one Triton kernel per chunk
+(kernels/triton_cross_entropy.py), elsewhere the same in PyTorch.
 """
 
 import torch
 from torch import Tensor
+
+from kernels.triton_cross_entropy import loss_and_grad_
 
 # Logits of a chunk in fp32: 64M entries (256 MiB) at most.
 CHUNK_ELEMENTS = 1 << 26
@@ -28,6 +32,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index)
 
 
+def _uses_triton(logits: Tensor) -> bool:
+    """The fused kernel works in float32: float64 logits keep the PyTorch path."""
+    return logits.is_cuda and logits.dtype != torch.float64
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -42,17 +51,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, hidden.shape[0], chunk):
             h, t = h_all[start : start + chunk], targets[start : start + chunk]
-            valid = t != ignore_index
-            safe_t = torch.where(valid, t, 0)
-            logits = (h @ w.T).to(exact)
-            log_z = logits.logsumexp(dim=-1)
-            target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((log_z - target_logits) * valid).sum()
-            if want_grad:
+            logits = h @ w.T
+            if _uses_triton(logits):
+                total += loss_and_grad_(logits, t, ignore_index, want_grad).sum()
+                grad_logits = logits  # overwritten in place by the gradient
+            else:
+                valid = t != ignore_index
+                safe_t = torch.where(valid, t, 0)
+                logits = logits.to(exact)
+                log_z = logits.logsumexp(dim=-1)
+                target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
+                total += ((log_z - target_logits) * valid).sum()
                 # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored rows.
                 grad_logits = logits.sub_(log_z[:, None]).exp_()
                 grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1
                 grad_logits = (grad_logits * valid[:, None]).to(dtype)
+            if want_grad:
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk] = grad_logits @ w
                 if grad_weight is not None:

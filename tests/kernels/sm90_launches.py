@@ -1,4 +1,4 @@
-"""Compiles every Triton launch of the scan and decode ops for an H100 (sm_90a) on a machine without a GPU.
+"""Compiles every Triton launch of the scan, decode and cross-entropy ops for an H100 (sm_90a) without a GPU.
 
 The interpreter that runs the kernels in CI executes them as Python: it accepts code the compiler refuses
 (a loop-carried name that changes type, for one) and knows nothing of registers or shared memory. Here the
@@ -90,6 +90,15 @@ def decode(dtype: torch.dtype, K: int, B: int = 4):
     return run
 
 
+def cross_entropy(dtype: torch.dtype, vocab: int):
+    from kernels.triton_cross_entropy import loss_and_grad_
+
+    def run():
+        loss_and_grad_(torch.zeros(4, vocab, dtype=dtype), torch.zeros(4, dtype=torch.long), -100, True)
+
+    return run
+
+
 CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton_scan._segments)
     "bf16 K128 few heads": scan_training_step(torch.bfloat16, 128),
     "bf16 K128 packed reverse": scan_training_step(
@@ -103,6 +112,8 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     # Path-X's 2D scan runs every image row as a sequence: 256 images x 128 rows x 32 heads of size 1.
     "bf16 K1 Path-X rows": scan_training_step(torch.bfloat16, 1, H=32, B=256 * 128),
     "decode bf16 K16 batch 40000": decode(torch.bfloat16, 16, B=40000),
+    "cross entropy bf16 vocab 32000": cross_entropy(torch.bfloat16, 32000),
+    "cross entropy fp32 vocab 50": cross_entropy(torch.float32, 50),
 }
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 """CUDA's largest grid, per axis."""

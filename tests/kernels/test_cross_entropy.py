@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import kernels.cross_entropy as ce
+import kernels.triton_cross_entropy as triton_ce
 from kernels.cross_entropy import linear_cross_entropy
 from tests.helpers import relative_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused kernel: compiled on a GPU, interpreted here
 
 
 def plain(hidden, weight, targets):
@@ -57,3 +60,45 @@ def test_shapes_that_do_not_fit_are_refused():
         linear_cross_entropy(hidden, weight[:, :8], targets)
     with pytest.raises(ValueError, match="targets must be"):
         linear_cross_entropy(hidden, weight, targets[:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_fused_kernel_gives_each_rows_loss_and_overwrites_it_with_its_gradient(monkeypatch, dtype):
+    """Rows longer than the kernel's block (50 entries in blocks of 16: the last one partial), one ignored row,
+    logits large enough that an unshifted exponential would overflow float32."""
+    monkeypatch.setattr(triton_ce, "BLOCK", 16)
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, 50, generator=generator) * 40).to(dtype).to(DEVICE)
+    targets = torch.randint(0, 50, (6,), generator=generator).to(DEVICE)
+    targets[2] = -100
+    exact = logits.double()
+    expected_losses = F.cross_entropy(exact, targets, reduction="none")
+    expected_grad = torch.softmax(exact, -1) - F.one_hot(targets.clamp(min=0), 50).to(exact)
+    expected_grad[2] = 0
+
+    untouched = logits.clone()
+    losses = triton_ce.loss_and_grad_(logits, targets, -100, write_grad=False)
+    assert torch.equal(logits, untouched)
+    assert losses.dtype == torch.float32 and losses[2] == 0
+    assert relative_error(losses, expected_losses) < 1e-6
+    triton_ce.loss_and_grad_(logits, targets, -100, write_grad=True)
+    assert logits.dtype == dtype and not logits[2].any()
+    assert relative_error(logits, expected_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_the_chunked_loss_through_the_fused_kernel_equals_the_plain_head(monkeypatch):
+    """The CUDA path (the fused kernel between the matmuls), here under the interpreter in float32."""
+    monkeypatch.setattr(ce, "_uses_triton", lambda logits: True)
+    monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 5 * 29)
+    hidden, weight, targets = (x.detach().float() if x.is_floating_point() else x for x in inputs())
+    hidden, weight, targets = (x.to(DEVICE) for x in (hidden, weight, targets))
+    hidden.requires_grad_(), weight.requires_grad_()
+    targets[3] = -100
+    ours = linear_cross_entropy(hidden, weight, targets)
+    grads = torch.autograd.grad(ours * 3.0, (hidden, weight))
+    reference = plain(hidden, weight, targets)
+    expected = torch.autograd.grad(reference * 3.0, (hidden, weight))
+    assert relative_error(ours, reference) < 1e-6
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < 1e-5
+    assert not grads[0][3].any()

@@ -104,10 +104,12 @@ def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
 
 
 def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
-    """The sequential kernels cut each walk into segments when the walks alone leave SMs idle: T 16K x 2 with
-    8 heads of 128 gives 64 programs on the H100's 132 SMs, so 9 segments; T 2K x 16 needs none. Cut walks (here
-    5 segments of 2 chunks, both directions, initial state, final state) match the float64 loop."""
+    """The sequential kernels cut each walk into segments when the walks alone leave most SMs idle: T 16K x 2
+    with 8 heads of 128 gives 64 programs on the H100's 132 SMs, so 9 segments; 16 heads (128 programs) and
+    T 2K x 16 are walked whole. Cut walks (here 5 segments of 2 chunks, both directions, initial state, final
+    state) match the float64 loop."""
     assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 9
+    assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 1
     assert triton_scan._segments(n_chunks=64, walks=128, K=128, V=128, device=None) == 1
     walks = []
     original = triton_scan._Walks.__init__
