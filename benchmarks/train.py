@@ -170,17 +170,17 @@ def markdown(result: dict) -> str:
             f"| {run['name']} | {run['world_size']} | {run['per_s']:,.0f} | {run['per_s_per_device']:,.0f} | {mfu} "
             f"| {peaks} | {run['first_step_s']:.0f} |"
         )
-    for agreement in loss_agreement(result["ours"]):
-        lines.append(
-            f"\n{agreement['name']} against {agreement['against']}: per-step losses within "
-            f"{agreement['max_relative']:.1e} relative (mean {agreement['mean_relative']:.1e}) over "
-            f"{agreement['steps']} steps."
-        )
     for base in result["baselines"]:
         peaks = ", ".join(f"{p:.1f}" for p in base["peak_gib_per_device"] or []) or "-"
         lines.append(
             f"| {base['name']} ({base['params_m']:.0f}M, T {base['seq_len']} x {base['batch']}) | 1 "
             f"| {base['per_s']:,.0f} | {base['per_s']:,.0f} | - | {peaks} | - |"
+        )
+    for agreement in loss_agreement(result["ours"]):
+        lines.append(
+            f"\n{agreement['name']} against {agreement['against']}: per-step losses within "
+            f"{agreement['max_relative']:.1e} relative (mean {agreement['mean_relative']:.1e}) over "
+            f"{agreement['steps']} steps."
         )
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,7 @@ Images per second of whole training steps (forward, backward, fused AdamW) at 22
 autocast, channels-last, on the same random images for every model: hgrn2_vit_tiny and hgrn2_vit_small
 built from their configs (configs/imagenet/*.yaml, as a user trains them), hgrn2_vit_tiny with 16 px
 patches (DeiT's 196 tokens rather than 256), and timm's deit_tiny_patch16_224 and deit_small_patch16_224
-(timm's fused attention). Writes benchmarks/results/vision-<gpu>.json.
+(timm's fused attention). Writes benchmarks/results/vision-<gpu>[-compiled].json.
 
     python benchmarks/vision.py [--batch 256] [--steps 30] [--compile] [--out benchmarks/results]
     python benchmarks/vision.py --smoke     # CPU, tiny images, a few steps: checks the script runs
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.smoke or args.only):  # the results file holds the whole comparison
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"vision-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}.json"
+        compiled = "-compiled" if args.compile else ""
+        path = out / f"vision-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}{compiled}.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
     return results
