@@ -37,7 +37,7 @@ test-gpu:
 # per shape, so the whole run takes over half an hour: where commands are time-limited, run them one by one.
 bench:
 	$(GPU_ENV) python3 benchmarks/scan.py && python3 benchmarks/generate.py && \
-		python3 benchmarks/train.py --run "1gpu=" --baselines llama && python3 benchmarks/step_profile.py && \
+		python3 benchmarks/train.py --run "1gpu=" --baselines llama fla && python3 benchmarks/step_profile.py && \
 		python3 benchmarks/vision.py && python3 benchmarks/lra.py
 
 # Two GPUs: the LM under DDP and FSDP, the ViT with repeated augmentation, resuming across device counts.
