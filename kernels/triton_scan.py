@@ -733,13 +733,8 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], scale: float, reverse: bool, save_states: bool, output_final_state: bool,
-    float32_states: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns o [B, T, H, V], the final state [N, H, K, V] (float32) and the chunk states for the backward.
-    `float32_states` (for forwards without a backward: inference, evaluation) keeps the chunk states of 16-bit
-    inputs in float32 and meets them with tf32 matmuls: bfloat16 states round each chunk's carried-in state to
-    8 bits, the largest error of a bfloat16 forward after the activations' own, and what set the prefill apart
-    from the decode step (float32 states). It costs the forward about the states' traffic again."""
+    """Returns o [B, T, H, V], the final state [N, H, K, V] (float32) and the chunk states for the backward."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -748,19 +743,16 @@ def scan_fwd(
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
-    states_dtype = torch.float32 if float32_states else _wide_dtype(q)
-    states = _empty(layout.n_states, H, K, V, dtype=states_dtype, device=q.device)
+    states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q), device=q.device)
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
-    common = {**_constexprs(q, v, lower_bound, layout, reverse), "WIDE_DT": _tl_dtype(states_dtype)}
-    # float32 states take the output kernel's float32 launch (its bfloat16 one would spill their tiles).
-    tiles = _tiles("output", K, V, torch.float32 if float32_states else q.dtype)
+    common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None, output_final_state)
         _fwd_output_kernel[(layout.n_chunks, H)](
             q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
-            q.stride(1), f.stride(1), v.stride(1), scale, T, **tiles, **common,
+            q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("output", K, V, q.dtype), **common,
         )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
@@ -768,8 +760,7 @@ def scan_fwd(
 
 
 @scan_fwd.register_fake
-def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state,
-      float32_states=False):
+def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state):
     B, T, H, K = q.shape
     layout_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -777,8 +768,7 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
-        q.new_empty(layout_states if save_states else 0, H, K, V,
-                    dtype=torch.float32 if float32_states else _wide_dtype(q)),
+        q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q)),
     )
 
 
@@ -861,7 +851,7 @@ def _(q, f, v, lower_bound, states, do, d_final, cu_seqlens, scale, reverse, wan
 
 
 def _setup_context(ctx, inputs, output):
-    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, _ = inputs
+    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state = inputs
     ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], cu_seqlens)
     ctx.scale, ctx.reverse = scale, reverse
     ctx.has_initial_state = initial_state is not None
@@ -882,7 +872,7 @@ def _backward(ctx, do, d_final, d_states):
     dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, states, do, d_final, cu_seqlens, ctx.scale, ctx.reverse,
                                    ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
-            dh0 if ctx.has_initial_state else None, None, None, None, None, None, None)
+            dh0 if ctx.has_initial_state else None, None, None, None, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -893,13 +883,12 @@ def triton_scan(
     cu_seqlens: Tensor | None, reverse: bool, output_final_state: bool, recompute_states: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The scan through the custom op (torch.compile sees one opaque node). The chunk states are kept for
-    autograd, or with `recompute_states` rebuilt in the backward by one more states pass. Without a backward
-    they are float32 (see `scan_fwd`)."""
+    autograd, or with `recompute_states` rebuilt in the backward by one more states pass."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
     o, final, _ = scan_fwd(
         q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
-        needs_grad and not recompute_states, output_final_state, not needs_grad,
+        needs_grad and not recompute_states, output_final_state,
     )
     return o, (final if output_final_state else None)

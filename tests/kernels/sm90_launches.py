@@ -80,17 +80,6 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, **opt
     return run
 
 
-def scan_inference(dtype: torch.dtype, K: int, H: int = 128, B: int = 2):
-    """A forward without a backward: float32 chunk states (kernels.triton_scan.scan_fwd)."""
-    from kernels.triton_scan import scan_fwd
-
-    def run():
-        q, f, v = (torch.zeros(B, 100, H, K, dtype=dtype) for _ in range(3))
-        scan_fwd(q, f, v, torch.zeros(H, K), None, None, 1.0, False, False, False, True)
-
-    return run
-
-
 def decode(dtype: torch.dtype, K: int, B: int = 4):
     from kernels.triton_decode import decode_step
 
@@ -119,7 +108,6 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
-    "bf16 K128 inference": scan_inference(torch.bfloat16, 128),
     "decode bf16 K128": decode(torch.bfloat16, 128),
     # Path-X's 2D scan runs every image row as a sequence: 256 images x 128 rows x 32 heads of size 1.
     "bf16 K1 Path-X rows": scan_training_step(torch.bfloat16, 1, H=32, B=256 * 128),
