@@ -167,17 +167,35 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
     return row
 
 
-def traffic_bytes(T: int, B: int) -> dict:
-    """Bytes the forward and backward kernels move, each tensor read or written once per pass that touches it,
-    chunk states once per chunk."""
+KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_bwd_dh_kernel": "dh",
+           "_bwd_kernel": "grads"}
+
+
+def kernel_bytes(T: int, B: int) -> dict[str, float]:
+    """Bytes each of our kernels must move: every tensor it reads or writes once, the chunk states (or their
+    gradients) once per chunk, all bf16."""
     n = B * T * H
-    token = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
-    states = n / triton_scan.CHUNK * D * D * 2  # bf16 chunk states (and their gradients)
-    # states pass: f, i in, states out; output pass: q, f, i, states in, o out (with or without grad)
-    forward = n * 6 * token + 2 * states
-    backward = n * 3 * token + states  # dh pass: q, f, do in; state gradients out
-    backward += n * 7 * token + 2 * states  # grads pass: q, f, i, do, states, state gradients in; dq, df, di out
-    return {"fwd": forward, "fwdbwd": forward + backward}
+    row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
+    states = n / triton_scan.CHUNK * D * D * 2
+    return {
+        "_fwd_states_kernel": n * 2 * row + states,  # f, i in; states out
+        "_fwd_output_kernel": n * 4 * row + states,  # q, f, i, states in; o out
+        "_bwd_dh_kernel": n * 3 * row + states,  # q, f, do in; state gradients out
+        "_bwd_kernel": n * 7 * row + 2 * states,  # q, f, i, do, states, state gradients in; dq, df, di out
+    }
+
+
+def traffic_bytes(T: int, B: int) -> dict:
+    """Bytes of the forward (states and output passes) and of forward + backward (all four)."""
+    moved = kernel_bytes(T, B)
+    return {"fwd": moved["_fwd_states_kernel"] + moved["_fwd_output_kernel"], "fwdbwd": sum(moved.values())}
+
+
+def kernel_bandwidth_fractions(row: dict, bandwidth: float) -> dict[str, float]:
+    """Each kernel's bytes over its own time in forward + backward, as a fraction of the copy bandwidth."""
+    times = row["ours_kernels_ms"]["fwdbwd"]
+    return {name: moved / (times[name] * 1e-3) / bandwidth
+            for name, moved in kernel_bytes(row["T"], row["B"]).items() if name in times}
 
 
 def main() -> None:
@@ -205,6 +223,7 @@ def main() -> None:
         traffic = traffic_bytes(T, args.tokens // T)
         row["ours_fwd_bandwidth_fraction"] = traffic["fwd"] / (row["ours_fwd_ms"] * 1e-3) / bandwidth
         row["ours_fwdbwd_bandwidth_fraction"] = traffic["fwdbwd"] / (row["ours_fwdbwd_ms"] * 1e-3) / bandwidth
+        row["ours_kernel_bandwidth_fractions"] = kernel_bandwidth_fractions(row, bandwidth)
         rows.append(row)
         log(str({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "ours_kernels_ms"}))
         for pass_, kernels in row["ours_kernels_ms"].items():
@@ -281,6 +300,13 @@ def markdown(result: dict) -> str:
             f"{get('ours_fwdbwd_bandwidth_fraction'):.2f} | {get('ours_peak_extra_gib'):.2f} / "
             f"{get('fla_peak_extra_gib'):.2f} |"
         )
+    lines += ["", "Per kernel in forward + backward: milliseconds per call (bw: its bytes / time / copy bandwidth).",
+              "", "| T | " + " | ".join(KERNELS.values()) + " |", "|---|" + "---|" * len(KERNELS)]
+    bandwidth = result["copy_bandwidth_tb_s"] * 1e12
+    for r in result["rows"]:
+        times, fractions = r["ours_kernels_ms"]["fwdbwd"], kernel_bandwidth_fractions(r, bandwidth)
+        cells = [f"{times[name]:.3f} (bw {fractions[name]:.2f})" if name in times else "-" for name in KERNELS]
+        lines.append(f"| {r['T']} | " + " | ".join(cells) + " |")
     for r in result["small_heads"]:
         lines.append(
             f"\nSmall heads, B {r['B']}, T {r['T']}, H {r['H']}, K = V = {r['K']}: forward {r['ours_fwd_ms']:.3f} ms "
