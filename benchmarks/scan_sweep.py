@@ -42,18 +42,21 @@ CANDIDATES = {
     "states": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
     "dh": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
     # maxnreg caps registers per thread so that more programs share an SM, at the price of spills: ptxas
-    # (sm_90a) gives the grads kernel 128 with 644 bytes of spills (two 8-warp programs per SM instead of
-    # one), the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
-    # The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
+    # (sm_90a) gives the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
+    # Two 8-warp grads programs per SM need 128 registers and at most 113 KiB of shared memory each: at 3 stages
+    # the pipelined tiles take 126 KiB, so only 2 stages can (88 KiB holding the gate, 55 KiB not; 130-230 bytes
+    # more spills than 1 stage). The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
     "output": _grid(BV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
     + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
     "grads": _grid(BV=[64], num_warps=[8], num_stages=[2, 3])
-    + _grid(BV=[64], num_warps=[8], num_stages=[3], maxnreg=[128, 168]),
+    + _grid(BV=[64], num_warps=[8], num_stages=[2], maxnreg=[128], HOLD_GATE=[True, False]),
 }
 SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
     **CANDIDATES,
     "output": _grid(BV=[64], num_warps=[2, 4, 8], num_stages=[2, 3]),
-    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 3], HOLD_GATE=[True, False]),
+    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 3], HOLD_GATE=[True, False])
+    # 4 warps: 255 registers, so 2 programs per SM; at 128 (3 or 4 per SM by shared memory) ptxas spills.
+    + _grid(BV=[64], num_warps=[4], num_stages=[2, 3], maxnreg=[128, 168], HOLD_GATE=[True, False]),
 }
 
 
