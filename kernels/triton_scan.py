@@ -542,6 +542,7 @@ def _state_programs(K: int, V: int, tiles: dict, walks: int) -> int:
 
 
 MIN_SEGMENT_CHUNKS = 2
+"""A segment walks at least this many chunks: a walk of one chunk gains nothing from being cut."""
 
 
 def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | None) -> int:
@@ -570,7 +571,7 @@ class _Walks:
         n_chunks = triton.cdiv(T, CHUNK)
         self.n_segments = 1 if layout.is_varlen else _segments(n_chunks, walks, K, V, device)
         segment_chunks = triton.cdiv(n_chunks, self.n_segments)
-        self.n_segments = triton.cdiv(n_chunks, segment_chunks) if n_chunks else 1
+        self.n_segments = triton.cdiv(n_chunks, segment_chunks)  # none left empty
         self.segmented = self.n_segments > 1
         self.segment_chunks = segment_chunks if self.segmented else 2**30  # unsegmented: one walk, any length
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device)
