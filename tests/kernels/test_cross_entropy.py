@@ -10,7 +10,12 @@ import kernels.triton_cross_entropy as triton_ce
 from kernels.cross_entropy import linear_cross_entropy
 from tests.helpers import relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused kernel: compiled on a GPU, interpreted here
+GPU = torch.cuda.is_available()
+# The fused kernel: interpreted on the CPU (CI), compiled on a GPU (`make test-gpu`).
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(GPU, reason="the GPU run covers it compiled")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]),
+]
 
 
 def plain(hidden, weight, targets):
@@ -67,14 +72,15 @@ def test_shapes_that_do_not_fit_are_refused():
         linear_cross_entropy(hidden, weight, targets[:5])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_fused_kernel_gives_each_rows_loss_and_overwrites_it_with_its_gradient(monkeypatch, dtype):
+def test_the_fused_kernel_gives_each_rows_loss_and_overwrites_it_with_its_gradient(monkeypatch, dtype, device):
     """Rows longer than the kernel's block (50 entries in blocks of 16: the last one partial), one ignored row,
     logits large enough that an unshifted exponential would overflow float32."""
     monkeypatch.setattr(triton_ce, "BLOCK", 16)
     generator = torch.Generator().manual_seed(1)
-    logits = (torch.randn(6, 50, generator=generator) * 40).to(dtype).to(DEVICE)
-    targets = torch.randint(0, 50, (6,), generator=generator).to(DEVICE)
+    logits = (torch.randn(6, 50, generator=generator) * 40).to(dtype).to(device)
+    targets = torch.randint(0, 50, (6,), generator=generator).to(device)
     targets[2] = -100
     exact = logits.double()
     expected_losses = F.cross_entropy(exact, targets, reduction="none")
@@ -91,12 +97,13 @@ def test_the_fused_kernel_gives_each_rows_loss_and_overwrites_it_with_its_gradie
     assert relative_error(logits, expected_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_the_chunked_loss_through_the_fused_kernel_equals_the_plain_head(monkeypatch):
-    """The CUDA path (the fused kernel between the matmuls), here under the interpreter in float32."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_chunked_loss_through_the_fused_kernel_equals_the_plain_head(monkeypatch, device):
+    """The CUDA path (the fused kernel between the matmuls), in float32."""
     monkeypatch.setattr(ce, "_uses_triton", lambda logits: True)
     monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 5 * 29)
     hidden, weight, targets = (x.detach().float() if x.is_floating_point() else x for x in inputs())
-    hidden, weight, targets = (x.to(DEVICE) for x in (hidden, weight, targets))
+    hidden, weight, targets = (x.to(device) for x in (hidden, weight, targets))
     hidden.requires_grad_(), weight.requires_grad_()
     targets[3] = -100
     assert_matches_the_plain_head(hidden, weight, targets, tolerance=1e-5)
