@@ -16,7 +16,7 @@ from torch import Tensor
 
 from kernels.triton_cross_entropy import loss_and_grad_
 
-# Logits of a chunk in fp32: 64M entries (256 MiB) at most.
+# Logits of a chunk: 64M entries at most (256 MiB in fp32 on the PyTorch path; bf16 and in place on CUDA).
 CHUNK_ELEMENTS = 1 << 26
 
 

@@ -388,6 +388,16 @@ def _bwd_dh_kernel(
 
 
 @triton.jit
+def _after_segment(carry, segment_ends, segment_decays, i_nh, i_segment_of_walk, n_segments, offs_k, mask_k,
+                   state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr):
+    """The tile carried out of a segment: what came in, decayed over the segment, plus its local end."""
+    i_segment = i_nh.to(tl.int64) * n_segments + i_segment_of_walk
+    decay = tl.load(segment_decays + i_segment * K + offs_k, mask=mask_k, other=0.0)
+    end = tl.load(segment_ends + i_segment * K * V + state_tile, mask=mask_kv, other=0.0)
+    return carry * _exp(decay)[:, None] + end
+
+
+@triton.jit
 def _segment_carry_kernel(
     chunk_states, chunk_decays, segment_ends, segment_decays, boundary_state, cu_seqlens, state_offsets, T,
     n_segments, segment_chunks,
@@ -402,17 +412,14 @@ def _segment_carry_kernel(
     the segment where the walk ends writes the float32 boundary state (the final state, or dh0)."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, chunk_decays, H, K, V, C, BK, BV,
-                                        False, False)
+                                        False, False)  # no bound here: chunk_decays stands in, never read
     n_chunks = tl.cdiv(T, C)
     slot_off = state_off - i_n if BACKWARD else state_off  # dh has one slot per chunk, the states one more
     walk_pos = n_segments - 1 - i_seg if BACKWARD else i_seg  # segments before this one in walk order
     carry = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(0, walk_pos):
-        i_j = n_segments - 1 - j if BACKWARD else j
-        i_segment = i_nh.to(tl.int64) * n_segments + i_j
-        decay = tl.load(segment_decays + i_segment * K + offs_k, mask=mask_k, other=0.0)
-        end = tl.load(segment_ends + i_segment * K * V + state_tile, mask=mask_kv, other=0.0)
-        carry = carry * _exp(decay)[:, None] + end
+        carry = _after_segment(carry, segment_ends, segment_decays, i_nh, n_segments - 1 - j if BACKWARD else j,
+                               n_segments, offs_k, mask_k, state_tile, mask_kv, K, V)
     first = i_seg * segment_chunks
     last = tl.minimum(first + segment_chunks, n_chunks)
     if BACKWARD:
@@ -427,11 +434,9 @@ def _segment_carry_kernel(
             local = tl.load(tile, mask=mask_kv, other=0.0).to(tl.float32)
             tl.store(tile, (local + _exp(decay)[:, None] * carry).to(chunk_states.dtype.element_ty), mask=mask_kv)
     if WRITE_BOUNDARY and walk_pos == n_segments - 1:
-        i_segment = i_nh.to(tl.int64) * n_segments + i_seg
-        decay = tl.load(segment_decays + i_segment * K + offs_k, mask=mask_k, other=0.0)
-        end = tl.load(segment_ends + i_segment * K * V + state_tile, mask=mask_kv, other=0.0)
-        tl.store(boundary_state + i_nh.to(tl.int64) * K * V + state_tile, carry * _exp(decay)[:, None] + end,
-                 mask=mask_kv)
+        boundary = _after_segment(carry, segment_ends, segment_decays, i_nh, i_seg, n_segments, offs_k, mask_k,
+                                  state_tile, mask_kv, K, V)
+        tl.store(boundary_state + i_nh.to(tl.int64) * K * V + state_tile, boundary, mask=mask_kv)
 
 
 @triton.jit
@@ -541,6 +546,11 @@ def _state_programs(K: int, V: int, tiles: dict, walks: int) -> int:
     return triton.cdiv(K, tiles["BK"]) * triton.cdiv(V, tiles["BV"]) * walks
 
 
+def _wide_tile_programs(walks: int, K: int, V: int) -> int:
+    """Programs of a sequential kernel over `walks` (sequence, head) walks with 64 x 64 state tiles."""
+    return walks * triton.cdiv(K, 64) * triton.cdiv(V, 64)
+
+
 MIN_SEGMENT_CHUNKS = 2
 """A segment walks at least this many chunks: a walk of one chunk gains nothing from being cut."""
 
@@ -554,7 +564,7 @@ def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | 
     half the SMs (H100: the 370M LM at T 16K x 2, 64 programs, trains 12% faster; the record shape at T 16K, 128,
     and 8K, 256, ran slower cut). Then enough segments for 8 programs per SM (the LM at T 16K: 3% faster than
     4). Equal lengths only: packed sequences are walked whole."""
-    programs = walks * triton.cdiv(K, 64) * triton.cdiv(V, 64)
+    programs = _wide_tile_programs(walks, K, V)
     if 2 * programs > _sm_count(device):
         return 1
     return max(1, min(triton.cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
@@ -623,7 +633,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       float32 at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
-    if kernel in ("states", "dh") and walks * triton.cdiv(K, 64) * triton.cdiv(V, BV) >= 2 * _sm_count(device):
+    if kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
         tiles = dict(BK=min(64, BK), BV=BV, num_warps=2, num_stages=2)
     elif kernel in ("states", "dh"):
         tiles = dict(BK=min(32, BK), BV=BV, num_warps=4, num_stages=2)
