@@ -252,18 +252,24 @@ def _initial_tile(x, i_nh, state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr
 
 @triton.jit
 def _fwd_states_kernel(
-    f, v, lower_bound, h0, states, final_state, chunk_decays, segment_ends, segment_decays, cu_seqlens,
+    f, v, lower_bound, h0, states, final_state, chunk_decays, segment_ends, segment_decays, seeds, cu_seqlens,
     state_offsets, stride_f, stride_v, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, SEGMENTED: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+    SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr,
 ):
+    """SEGMENTED: each segment from zero (see `_segments`), for `_segment_carry_kernel`. SEEDED: each segment from
+    its true starting tile, the seed a segmented forward left (`_Walks.carry`), so the chunk states are exact with
+    no carry pass: the backward's recomputation."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
     length = eos - bos
     offs_c = tl.arange(0, C)
     S = tl.where(i_seg == 0, _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0), 0.0)
+    if SEEDED:  # the first segment's seed is zero: it starts from the initial tile above
+        S += tl.load(seeds + (i_nh.to(tl.int64) * n_segments + i_seg) * K * V + state_tile, mask=mask_kv, other=0.0)
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
     n_chunks = tl.cdiv(length, C)
     first = i_seg * segment_chunks
@@ -315,11 +321,16 @@ def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.
 
 @triton.jit
 def _fwd_output_kernel(
-    q, f, v, lower_bound, states, o, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f, stride_v, scale, T,
+    q, f, v, lower_bound, states, o, chunk_decays, seeds, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f,
+    stride_v, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_DT: tl.constexpr,
+    WIDE_DT: tl.constexpr, SEEDED: tl.constexpr,
 ):
+    """SEEDED: the chunk states are a segmented walk's local ones; the true state at a chunk's start is
+    local + exp(D) seed, D the gate sum since its segment's start and seed the segment's true start
+    (`_Walks.carry`), so the correction is one more product, (q exp(G + D)) seed, instead of a carry pass that
+    reads and writes every chunk state."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
@@ -334,14 +345,22 @@ def _fwd_output_kernel(
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_inter = (q_t * _exp(G) * scale).to(WIDE_DT)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
+    if SEEDED:
+        D = tl.load(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, mask=mask_k, other=0.0)
+        q_seed = (q_t * _exp(G + D[None, :]) * scale).to(WIDE_DT)
+        seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
         mask_cv = valid[:, None] & mask_v[None, :]
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        state_tile = offs_k[:, None] * V + offs_v[None, :]
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
-        h_start = tl.load(state_at_start + offs_k[:, None] * V + offs_v[None, :],
-                          mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(WIDE_DT)
+        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
+        if SEEDED:
+            seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+            out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
         tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
 
 
@@ -399,15 +418,16 @@ def _after_segment(carry, segment_ends, segment_decays, i_nh, i_segment_of_walk,
 
 @triton.jit
 def _segment_carry_kernel(
-    chunk_states, chunk_decays, segment_ends, segment_decays, boundary_state, cu_seqlens, state_offsets, T,
+    chunk_states, chunk_decays, segment_ends, segment_decays, boundary_state, seeds, cu_seqlens, state_offsets, T,
     n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BACKWARD: tl.constexpr, WRITE_BOUNDARY: tl.constexpr,
+    BACKWARD: tl.constexpr, FIX_STATES: tl.constexpr, WRITE_SEEDS: tl.constexpr, WRITE_BOUNDARY: tl.constexpr,
 ):
     """The second half of a segmented walk (equal lengths only). Each segment program above started from zero
-    (except the one at the walk's start, which had the true initial tile); this adds what the segments before
-    it carry in: carry = sum over earlier segments j of exp(gate sums of the segments between) * end_j, then
-    every chunk state of the segment += exp(D_chunk) * carry, D_chunk its gate sum from the segment's start.
+    (except the one at the walk's start, which had the true initial tile); this sums what the segments before
+    it carry in: carry = sum over earlier segments j of exp(gate sums of the segments between) * end_j, the
+    segment's seed. FIX_STATES then adds exp(D_chunk) * carry to every chunk state of the segment, D_chunk its
+    gate sum from the segment's start; WRITE_SEEDS stores the seed instead, for consumers that add it themselves.
     BACKWARD (the dh walk) runs from the sequence's end: "earlier" segments are the later ones. The program of
     the segment where the walk ends writes the float32 boundary state (the final state, or dh0)."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
@@ -426,7 +446,9 @@ def _segment_carry_kernel(
         end_slot = last
     else:
         end_slot = last + (last == n_chunks).to(tl.int32)  # and the slot after the sequence's last chunk
-    if walk_pos > 0:
+    if WRITE_SEEDS:
+        tl.store(seeds + (i_nh.to(tl.int64) * n_segments + i_seg) * K * V + state_tile, carry, mask=mask_kv)
+    if FIX_STATES and walk_pos > 0:
         for i_t in range(first, end_slot):
             slot = ((slot_off + i_t) * H + i_h) * K
             decay = tl.load(chunk_decays + slot + offs_k, mask=mask_k, other=0.0)
@@ -570,20 +592,37 @@ def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | 
     return max(1, min(triton.cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
 
 
+def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
+                    device: torch.device | None) -> tuple[int, int]:
+    """How many segments each walk is cut into and how many chunks each segment walks (`_segments`; none left
+    empty, packed sequences walked whole)."""
+    n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device)
+    segment_chunks = triton.cdiv(n_chunks, n_segments)
+    return triton.cdiv(n_chunks, segment_chunks), segment_chunks
+
+
+def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | None, device: torch.device) -> int:
+    """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
+    if cu_seqlens is not None:
+        return 0
+    n_segments, _ = _segment_layout(triton.cdiv(T, CHUNK), B * H, K, V, False, device)
+    return B * H * n_segments if n_segments > 1 else 0
+
+
 class _Walks:
     """How the sequential kernel `kernel` ("states" or "dh") walks the chunks: its tiles, the segments of each walk
-    (see `_segments`), the kernel arguments that say so and the buffers the segments hand to the carry pass."""
+    (see `_segments`), the kernel arguments that say so and the buffers the segments hand to the carry pass.
+    `seeded` walks start each segment from its true tile (`seeds`, which a cut forward left): no carry pass."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, seeded: bool = False):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
-        n_chunks = triton.cdiv(T, CHUNK)
-        self.n_segments = 1 if layout.is_varlen else _segments(n_chunks, walks, K, V, device)
-        segment_chunks = triton.cdiv(n_chunks, self.n_segments)
-        self.n_segments = triton.cdiv(n_chunks, segment_chunks)  # none left empty
-        self.segmented = self.n_segments > 1
-        self.segment_chunks = segment_chunks if self.segmented else 2**30  # unsegmented: one walk, any length
+        self.n_segments, segment_chunks = _segment_layout(triton.cdiv(T, CHUNK), walks, K, V, layout.is_varlen,
+                                                          device)
+        self.seeded = seeded and self.n_segments > 1
+        self.segmented = self.n_segments > 1 and not self.seeded
+        self.segment_chunks = segment_chunks if self.n_segments > 1 else 2**30  # one walk, any length
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
         slots = layout.n_states if kernel == "states" else layout.n_chunks
@@ -596,16 +635,19 @@ class _Walks:
         """The walk's arguments of the states and dh kernels (after their outputs), in their order."""
         return self.chunk_decays, self.segment_ends, self.segment_decays
 
-    def carry(self, chunk_states: Tensor, boundary: Tensor | None, layout: "_Layout", T: int, backward: bool) -> None:
-        """The carry pass of a segmented walk: fixes the chunk states and writes the boundary state (final or dh0)."""
+    def carry(self, chunk_states: Tensor | None, boundary: Tensor | None, layout: "_Layout", T: int, backward: bool,
+              seeds: Tensor | None = None) -> None:
+        """The carry pass of a segmented walk: fixes the chunk states, or (given `seeds`) leaves them local and
+        stores each segment's seed instead; writes the boundary state (final or dh0)."""
         if not self.segmented:
             return
         tiles = {name: value for name, value in self.tiles.items() if name != "num_stages"}
         _segment_carry_kernel[self.grid](
-            chunk_states, self.chunk_decays, self.segment_ends, self.segment_decays,
-            boundary if boundary is not None else self.segment_ends, layout.cu_seqlens, layout.state_offsets, T,
+            chunk_states if seeds is None else self.chunk_decays, self.chunk_decays, self.segment_ends,
+            self.segment_decays, boundary if boundary is not None else self.segment_ends,
+            seeds if seeds is not None else self.segment_ends, layout.cu_seqlens, layout.state_offsets, T,
             self.n_segments, self.segment_chunks, H=self.H, K=self.K, V=self.V, C=CHUNK, BACKWARD=backward,
-            WRITE_BOUNDARY=boundary is not None, **tiles,
+            FIX_STATES=seeds is None, WRITE_SEEDS=seeds is not None, WRITE_BOUNDARY=boundary is not None, **tiles,
         )
 
 
@@ -727,25 +769,31 @@ def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layou
 
 
 def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tensor, final: Tensor, layout: _Layout,
-                  common: dict, has_h0: bool, output_final_state: bool) -> None:
-    """The sequential states pass: every chunk's starting state into `states` (and the final state)."""
+                  common: dict, has_h0: bool, output_final_state: bool, seeds: Tensor, seeded: bool) -> _Walks:
+    """The sequential states pass: every chunk's starting state into `states` (and the final state). Cut walks
+    with `seeds` to fill leave the chunk states local and store the seeds (the output kernel adds them);
+    `seeded` walks start each segment from `seeds` instead, so their states are exact without a carry pass."""
     _, T, H, K = f.shape
     V = v.shape[-1]
-    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device)
+    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device, seeded=seeded)
     _fwd_states_kernel[walks.grid](
-        f, v, bound, h0, states, final, *walks.kernel_args(), layout.cu_seqlens, layout.state_offsets, f.stride(1),
-        v.stride(1), T, walks.n_segments, walks.segment_chunks, HAS_H0=has_h0, OUTPUT_FINAL=output_final_state,
-        SEGMENTED=walks.segmented, **walks.tiles, **common,
+        f, v, bound, h0, states, final, *walks.kernel_args(), seeds, layout.cu_seqlens, layout.state_offsets,
+        f.stride(1), v.stride(1), T, walks.n_segments, walks.segment_chunks, HAS_H0=has_h0,
+        OUTPUT_FINAL=output_final_state, SEGMENTED=walks.segmented, SEEDED=walks.seeded, **walks.tiles, **common,
     )
-    walks.carry(states, final if output_final_state else None, layout, T, backward=False)
+    walks.carry(states, final if output_final_state else None, layout, T, backward=False,
+                seeds=seeds if seeds.numel() and not seeded else None)
+    return walks
 
 
 @torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], scale: float, reverse: bool, save_states: bool, output_final_state: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns o [B, T, H, V], the final state [N, H, K, V] (float32) and the chunk states for the backward."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns o [B, T, H, V], the final state [N, H, K, V] (float32), the chunk states for the backward (or
+    none) and, without them, the seeds of cut walks ([B H segments, K, V] float32, or none), from which the
+    backward's `scan_states` rebuilds them exactly in one pass."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -754,20 +802,25 @@ def scan_fwd(
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
+    # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q), device=q.device)
+    seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device), K, V,
+                   dtype=torch.float32, device=q.device)
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None, output_final_state)
+        walks = _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None,
+                              output_final_state, seeds, seeded=False)
         _fwd_output_kernel[(layout.n_chunks, H)](
-            q, f, v, bound, states, o, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
-            q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("output", K, V, q.dtype), **common,
+            q, f, v, bound, states, o, walks.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets,
+            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
+            walks.segment_chunks, SEEDED=seeds.numel() > 0, **_tiles("output", K, V, q.dtype), **common,
         )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
-    return o, final, states
+    return o, final, states, seeds
 
 
 @scan_fwd.register_fake
@@ -776,19 +829,22 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     layout_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
+    n_seeds = 0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device)
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
         q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q)),
+        q.new_empty(n_seeds, K, V, dtype=torch.float32),
     )
 
 
 @torch.library.custom_op("hgrn2::scan_states", mutates_args=())
 def scan_states(
-    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
+    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor], seeds: Tensor,
     cu_seqlens: Optional[Tensor], reverse: bool,
 ) -> Tensor:
-    """The chunk states the backward reads, recomputed from f and v (q gives the dtype and layout only)."""
+    """The chunk states the backward reads, recomputed from f and v (q gives the dtype and layout only), from the
+    forward's seeds where it cut the walks."""
     f, v = _row_stride(f), _row_stride(v)
     B, T, H, K = f.shape
     layout = _Layout(B, T, cu_seqlens, f.device)
@@ -798,12 +854,12 @@ def scan_states(
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     with torch.cuda.device(f.device.index) if f.is_cuda else nullcontext():
         _store_states(f, v, bound, h0, states, dummy.float(), layout, _constexprs(q, v, lower_bound, layout, reverse),
-                      initial_state is not None, False)
+                      initial_state is not None, False, seeds, seeded=seeds.numel() > 0)
     return states
 
 
 @scan_states.register_fake
-def _(q, f, v, lower_bound, initial_state, cu_seqlens, reverse):
+def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
     B, T, H, K = q.shape
     n_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
     return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q))
@@ -863,20 +919,20 @@ def _(q, f, v, lower_bound, states, do, d_final, cu_seqlens, scale, reverse, wan
 
 def _setup_context(ctx, inputs, output):
     q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state = inputs
-    ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], cu_seqlens)
+    ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], output[3], cu_seqlens)
     ctx.scale, ctx.reverse = scale, reverse
     ctx.has_initial_state = initial_state is not None
     ctx.output_final_state = output_final_state
     ctx.recompute_states = not save_states
-    # The chunk states are an output only so that autograd keeps them; left as None, their gradient is never
+    # The chunk states and seeds are outputs only so that autograd keeps them; left as None, their gradient is never
     # materialised (a zero-filled buffer of the states' size: 0.5 GiB and 0.16 ms at the record shape).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, d_final, d_states):
-    q, f, v, lower_bound, initial_state, states, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, d_final, d_states, d_seeds):
+    q, f, v, lower_bound, initial_state, states, seeds, cu_seqlens = ctx.saved_tensors
     if ctx.recompute_states:
-        states = scan_states(q, f, v, lower_bound, initial_state, cu_seqlens, ctx.reverse)
+        states = scan_states(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, ctx.reverse)
     d_final = d_final if ctx.output_final_state else None
     if do is None:  # only the final state was used (grads are not materialised, see _setup_context)
         do = torch.zeros_like(v)
@@ -898,7 +954,7 @@ def triton_scan(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
-    o, final, _ = scan_fwd(
+    o, final, _, _ = scan_fwd(
         q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
         needs_grad and not recompute_states, output_final_state,
     )

@@ -64,18 +64,22 @@ def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
 
 
 def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, **options):
-    """Forward with states for the backward, then the backward, as autograd calls them. Many heads (H * B
-    walks) give the sequential kernels their wide tiles, few their narrow ones."""
-    from kernels.triton_scan import scan_bwd, scan_fwd
+    """Forward with states for the backward (or, `recompute`, with seeds to rebuild them from), then the backward,
+    as autograd calls them. Many heads (H * B walks) give the sequential kernels their wide tiles, few their
+    narrow ones."""
+    from kernels.triton_scan import scan_bwd, scan_fwd, scan_states
 
     def run():
         T = 100
         q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
         bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
-        cu_seqlens = options.get("cu_seqlens")
-        _, _, states = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, options.get("reverse", False), True, True)
-        scan_bwd(q, f, v, bound, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0,
-                 options.get("reverse", False), True)
+        cu_seqlens, reverse, recompute = options.get("cu_seqlens"), options.get("reverse", False), options.get(
+            "recompute", False)
+        _, _, states, seeds = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True)
+        if recompute:
+            states = scan_states(q, f, v, bound, h0, seeds, cu_seqlens, reverse)
+        scan_bwd(q, f, v, bound, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0, reverse,
+                 True)
 
     return run
 
@@ -101,6 +105,7 @@ def cross_entropy(dtype: torch.dtype, vocab: int):
 
 CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton_scan._segments)
     "bf16 K128 few heads": scan_training_step(torch.bfloat16, 128),
+    "bf16 K128 few heads recomputed": scan_training_step(torch.bfloat16, 128, recompute=True),
     "bf16 K128 packed reverse": scan_training_step(
         torch.bfloat16, 128, cu_seqlens=torch.tensor([0, 37, 200], dtype=torch.int32), reverse=True),
     "fp16 K128 few heads": scan_training_step(torch.float16, 128),

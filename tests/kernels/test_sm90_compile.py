@@ -26,9 +26,11 @@ def test_every_launch_compiles_for_sm90_within_shared_memory_and_grid_limits():
         if case.startswith(("decode", "cross entropy")):
             assert names == ["_decode_kernel" if case.startswith("decode") else "_loss_and_grad_kernel"], (case, names)
             continue
-        # A training step launches each scan kernel once; with few (sequence, head) walks (segmented) the
-        # states and dh walks are each followed by their carry pass.
+        # A training step launches each scan kernel once (the states walk twice when the backward recomputes
+        # the states); with few (sequence, head) walks (segmented) the forward's states walk and the dh walk
+        # are each followed by their carry pass, and the recomputation starts from the forward's seeds.
         assert sorted(set(names) - {"_segment_carry_kernel"}) == sorted(SCAN_KERNELS), (case, names)
+        assert names.count("_fwd_states_kernel") == (2 if "recomputed" in case else 1), (case, names)
         assert names.count("_segment_carry_kernel") == (2 if "few heads" in case else 0), (case, names)
     too_big = [launch for launch in launches if launch["shared_bytes"] > SHARED_MEMORY_LIMIT]
     assert not too_big, too_big

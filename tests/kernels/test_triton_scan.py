@@ -1,6 +1,7 @@
 """The Triton scan against the float64 oracle: on the CPU through Triton's interpreter (small shapes,
 in `make test`), and on a GPU the full matrix (`make test-gpu`), with fla's chunk_gla as a second opinion."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def poisoned_outputs(monkeypatch):
 
 def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_shift=0.0, gate_scale=1.0,
                         bounded=True, initial_state=True, reverse=False, lengths=None, transpose_inputs=False,
-                        outputs=False):
+                        recompute_states=False, outputs=False):
     """Relative errors of o, the final state and every gradient, Triton against the float64 loop (and, given
     `outputs`, both sides' values by name)."""
     V = V or K
@@ -54,7 +55,8 @@ def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_
             qq, ff, ii = (torch.cat([x, x], -1)[..., : x.shape[-1]] for x in (qq, ff, ii))
         o, state = hgrn2_scan(qq, ff, ii, inputs[3] if bounded else None, scale=K**-0.5,
                               initial_state=inputs[4] if initial_state else None, output_final_state=True,
-                              cu_seqlens=cu_seqlens, reverse=reverse, backend=backend)
+                              cu_seqlens=cu_seqlens, reverse=reverse, recompute_states=recompute_states,
+                              backend=backend)
         loss = (o.double() * do).sum() + (state.double() * d_final).sum()
         used = [x for n, x in enumerate(inputs) if (n != 3 or bounded) and (n != 4 or initial_state)]
         results.append([o, state, *torch.autograd.grad(loss, used)])
@@ -107,7 +109,8 @@ def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
     """The sequential kernels cut each walk into segments when the walks alone leave most SMs idle: T 16K x 2
     with 8 heads of 128 gives 64 programs on the H100's 132 SMs, so 17 segments; 16 heads (128 programs) and
     T 2K x 16 are walked whole. Cut walks (here 5 segments of 2 chunks, both directions, initial state, final
-    state) match the float64 loop."""
+    state) match the float64 loop, with the chunk states kept for the backward (the carry pass fixes them) or
+    recomputed there (the forward's output kernel adds the seeds, and the recomputation starts from them)."""
     assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 17
     assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 1
     assert triton_scan._segments(n_chunks=64, walks=128, K=128, V=128, device=None) == 1
@@ -116,15 +119,17 @@ def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
 
     def recording(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        walks.append(self.n_segments)
+        walks.append((self.n_segments, self.seeded))
 
     monkeypatch.setattr(triton_scan._Walks, "__init__", recording)
-    for reverse in (False, True):
-        assert_close_to_oracle(compare_with_oracle(T=300, reverse=reverse), torch.float32)
-    assert walks == [5, 5] * 2
+    for reverse, recompute_states in itertools.product((False, True), (False, True)):
+        errors = compare_with_oracle(T=300, reverse=reverse, recompute_states=recompute_states)
+        assert_close_to_oracle(errors, torch.float32)
+    # states and dh walks; recomputing, the backward's states walk starts from the seeds
+    assert walks == [(5, False), (5, False), (5, False), (5, True), (5, False)] * 2
     walks.clear()
-    compare_with_oracle(B=1, T=300, lengths=[100, 200])
-    assert walks == [1, 1], "packed sequences are walked whole"
+    compare_with_oracle(B=1, T=300, lengths=[100, 200], recompute_states=True)
+    assert walks == [(1, False)] * 3, "packed sequences are walked whole"
 
 
 @pytest.mark.skipif(GPU, reason="covered on the GPU")
@@ -221,12 +226,12 @@ def test_forward_without_grad_keeps_no_states():
     b = torch.rand(H, K, device=DEVICE) * 0.9
     h0 = torch.randn(len(lengths), H, K, K, device=DEVICE)
     with torch.no_grad():
-        _, _, states = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True)
+        _, _, states, seeds = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True)
         ours = hgrn2_scan(q, f, i, b, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
                           reverse=True, backend="triton")
     exact = hgrn2_scan(*(x.double() for x in (q, f, i, b)), initial_state=h0.double(), output_final_state=True,
                        cu_seqlens=cu_seqlens, reverse=True, backend="naive")
-    assert states.numel() == 0
+    assert states.numel() == 0 and seeds.numel() == 0
     errors = {name: relative_error(x, y) for name, x, y in zip(["o", "final_state"], ours, exact)}
     assert_close_to_oracle(errors, torch.float32)
 
