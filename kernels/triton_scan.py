@@ -577,26 +577,30 @@ MIN_SEGMENT_CHUNKS = 2
 """A segment walks at least this many chunks: a walk of one chunk gains nothing from being cut."""
 
 
-def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | None) -> int:
+def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | None, carry: str) -> int:
     """Into how many segments each walk of the sequential kernels is cut. A walk is a chain of dependent chunk
     steps, so with few walks (long sequences, small batches: T 16K x 2) most SMs would wait: then each walk is
-    cut into segments run at once from a zero state, and `_segment_carry_kernel` adds what the earlier segments
-    carry in. That pass reads and writes the chunk states once more (0.32 ms at the record shape, about what a
-    walk over them costs), so it pays only where the walks leave most SMs idle: fewer 64 x 64 tile programs than
-    half the SMs (H100: the 370M LM at T 16K x 2, 64 programs, trains 12% faster; the record shape at T 16K, 128,
-    and 8K, 256, ran slower cut). Then enough segments for 8 programs per SM (the LM at T 16K: 3% faster than
-    4). Equal lengths only: packed sequences are walked whole."""
+    cut into segments run at once from a zero state, and `_segment_carry_kernel` sums what the earlier segments
+    carry in. How `carry` (see `_Walks`) hands that on sets when cutting pays:
+    - "rewrite" adds it to every chunk state, reading and writing them once more (0.32 ms at the record shape,
+      about what a walk over them costs): only where the walks leave most SMs idle, fewer 64 x 64 tile programs
+      than half the SMs (H100: the 370M LM at T 16K x 2, 64 programs, trains 12% faster; the record shape at
+      T 16K, 128, and 8K, 256, ran slower cut).
+    - "seeds" stores one tile per segment, nearly free: wherever the walks leave SMs idle, at most one program
+      per SM ("seeded" walks must cut as the seeds were cut). The LM at T 8K x 4, 128 programs: 3% faster cut.
+    Then enough segments for 8 programs per SM (the LM at T 16K: 3% faster than 4). Equal lengths only:
+    packed sequences are walked whole."""
     programs = _wide_tile_programs(walks, K, V)
-    if 2 * programs > _sm_count(device):
+    if programs > (_sm_count(device) // 2 if carry == "rewrite" else _sm_count(device)):
         return 1
     return max(1, min(triton.cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
 
 
-def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
-                    device: torch.device | None) -> tuple[int, int]:
+def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool, device: torch.device | None,
+                    carry: str) -> tuple[int, int]:
     """How many segments each walk is cut into and how many chunks each segment walks (`_segments`; none left
     empty, packed sequences walked whole)."""
-    n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device)
+    n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device, carry)
     segment_chunks = triton.cdiv(n_chunks, n_segments)
     return triton.cdiv(n_chunks, segment_chunks), segment_chunks
 
@@ -605,22 +609,25 @@ def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | Non
     """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
     if cu_seqlens is not None:
         return 0
-    n_segments, _ = _segment_layout(triton.cdiv(T, CHUNK), B * H, K, V, False, device)
+    n_segments, _ = _segment_layout(triton.cdiv(T, CHUNK), B * H, K, V, False, device, "seeds")
     return B * H * n_segments if n_segments > 1 else 0
 
 
 class _Walks:
     """How the sequential kernel `kernel` ("states" or "dh") walks the chunks: its tiles, the segments of each walk
     (see `_segments`), the kernel arguments that say so and the buffers the segments hand to the carry pass.
-    `seeded` walks start each segment from its true tile (`seeds`, which a cut forward left): no carry pass."""
+    What the carry pass hands on, `carry`: "rewrite" fixes every chunk state; "seeds" leaves them local and
+    stores each segment's true starting tile, its seed (the output kernel adds exp(D) seed itself); "seeded"
+    walks start each segment from the seeds a "seeds" forward left, so their states are exact with no carry."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
-                 device: torch.device, seeded: bool = False):
+                 device: torch.device, carry: str):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
         self.n_segments, segment_chunks = _segment_layout(triton.cdiv(T, CHUNK), walks, K, V, layout.is_varlen,
-                                                          device)
-        self.seeded = seeded and self.n_segments > 1
+                                                          device, carry)
+        self.carries_seeds = carry == "seeds"
+        self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded
         self.segment_chunks = segment_chunks if self.n_segments > 1 else 2**30  # one walk, any length
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device)
@@ -635,19 +642,19 @@ class _Walks:
         """The walk's arguments of the states and dh kernels (after their outputs), in their order."""
         return self.chunk_decays, self.segment_ends, self.segment_decays
 
-    def carry(self, chunk_states: Tensor | None, boundary: Tensor | None, layout: "_Layout", T: int, backward: bool,
-              seeds: Tensor | None = None) -> None:
-        """The carry pass of a segmented walk: fixes the chunk states, or (given `seeds`) leaves them local and
-        stores each segment's seed instead; writes the boundary state (final or dh0)."""
+    def carry(self, chunk_states: Tensor, seeds: Tensor, boundary: Tensor | None, layout: "_Layout", T: int,
+              backward: bool) -> None:
+        """The carry pass of a segmented walk: fixes the chunk states or stores the seeds (`carry`), and writes
+        the boundary state (final or dh0)."""
         if not self.segmented:
             return
         tiles = {name: value for name, value in self.tiles.items() if name != "num_stages"}
         _segment_carry_kernel[self.grid](
-            chunk_states if seeds is None else self.chunk_decays, self.chunk_decays, self.segment_ends,
-            self.segment_decays, boundary if boundary is not None else self.segment_ends,
-            seeds if seeds is not None else self.segment_ends, layout.cu_seqlens, layout.state_offsets, T,
-            self.n_segments, self.segment_chunks, H=self.H, K=self.K, V=self.V, C=CHUNK, BACKWARD=backward,
-            FIX_STATES=seeds is None, WRITE_SEEDS=seeds is not None, WRITE_BOUNDARY=boundary is not None, **tiles,
+            chunk_states, self.chunk_decays, self.segment_ends, self.segment_decays,
+            boundary if boundary is not None else self.segment_ends, seeds, layout.cu_seqlens, layout.state_offsets,
+            T, self.n_segments, self.segment_chunks, H=self.H, K=self.K, V=self.V, C=CHUNK, BACKWARD=backward,
+            FIX_STATES=not self.carries_seeds, WRITE_SEEDS=self.carries_seeds, WRITE_BOUNDARY=boundary is not None,
+            **tiles,
         )
 
 
@@ -769,20 +776,18 @@ def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layou
 
 
 def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tensor, final: Tensor, layout: _Layout,
-                  common: dict, has_h0: bool, output_final_state: bool, seeds: Tensor, seeded: bool) -> _Walks:
-    """The sequential states pass: every chunk's starting state into `states` (and the final state). Cut walks
-    with `seeds` to fill leave the chunk states local and store the seeds (the output kernel adds them);
-    `seeded` walks start each segment from `seeds` instead, so their states are exact without a carry pass."""
+                  common: dict, has_h0: bool, output_final_state: bool, seeds: Tensor, carry: str) -> _Walks:
+    """The sequential states pass: every chunk's starting state into `states` (and the final state), exact, or
+    local with `seeds` (`_Walks`' `carry`)."""
     _, T, H, K = f.shape
     V = v.shape[-1]
-    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device, seeded=seeded)
+    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device, carry)
     _fwd_states_kernel[walks.grid](
         f, v, bound, h0, states, final, *walks.kernel_args(), seeds, layout.cu_seqlens, layout.state_offsets,
         f.stride(1), v.stride(1), T, walks.n_segments, walks.segment_chunks, HAS_H0=has_h0,
         OUTPUT_FINAL=output_final_state, SEGMENTED=walks.segmented, SEEDED=walks.seeded, **walks.tiles, **common,
     )
-    walks.carry(states, final if output_final_state else None, layout, T, backward=False,
-                seeds=seeds if seeds.numel() and not seeded else None)
+    walks.carry(states, seeds, final if output_final_state else None, layout, T, backward=False)
     return walks
 
 
@@ -812,11 +817,12 @@ def scan_fwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         walks = _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None,
-                              output_final_state, seeds, seeded=False)
+                              output_final_state, seeds, "rewrite" if save_states else "seeds")
         _fwd_output_kernel[(layout.n_chunks, H)](
             q, f, v, bound, states, o, walks.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets,
             layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
-            walks.segment_chunks, SEEDED=seeds.numel() > 0, **_tiles("output", K, V, q.dtype), **common,
+            walks.segment_chunks, SEEDED=walks.segmented and walks.carries_seeds, **_tiles("output", K, V, q.dtype),
+            **common,
         )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
@@ -854,7 +860,7 @@ def scan_states(
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     with torch.cuda.device(f.device.index) if f.is_cuda else nullcontext():
         _store_states(f, v, bound, h0, states, dummy.float(), layout, _constexprs(q, v, lower_bound, layout, reverse),
-                      initial_state is not None, False, seeds, seeded=seeds.numel() > 0)
+                      initial_state is not None, False, seeds, "seeded")
     return states
 
 
@@ -888,14 +894,14 @@ def scan_bwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device)
+        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite")
         _bwd_dh_kernel[walks.grid](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
             *walks.kernel_args(), layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
             walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0,
             SEGMENTED=walks.segmented, **walks.tiles, **common,
         )
-        walks.carry(dstates, dh0 if want_dh0 else None, layout, T, backward=True)
+        walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         _bwd_kernel[(layout.n_chunks, H)](
             q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
             layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("grads", K, V, q.dtype),
