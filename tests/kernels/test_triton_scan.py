@@ -129,6 +129,8 @@ def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
         assert_close_to_oracle(errors, torch.float32)
     # states and dh walks; recomputing, the backward's states walk starts from the seeds
     assert walks == [(5, False), (5, False), (5, False), (5, True), (5, False)] * 2
+    if not GPU:  # float16 keeps its seeds in float32, as its chunk states (the GPU cases cover bfloat16's)
+        assert_close_to_oracle(compare_with_oracle(T=300, dtype=torch.float16, recompute_states=True), torch.float16)
     walks.clear()
     compare_with_oracle(B=1, T=300, lengths=[100, 200], recompute_states=True)
     assert walks == [(1, False)] * 3, "packed sequences are walked whole"
@@ -257,6 +259,7 @@ def test_custom_op_compiles_without_graph_break():
 GPU_CASES = {
     "T 1": dict(T=1), "T 63": dict(T=63), "T 64": dict(T=64), "T 65": dict(T=65), "T 1000": dict(T=1000),
     "T 16384": dict(B=1, T=16384, H=2, K=64),
+    "T 16384 recomputed": dict(B=1, T=16384, H=2, K=64, recompute_states=True),  # cut walks, seeds
     "B*H 1": dict(B=1, H=1, T=300), "B*H 256": dict(B=16, H=16, T=200, K=128),  # the sequential kernels' wide tiles
     "head dim 128": dict(T=300, K=128), "head dim 256": dict(T=200, K=256, H=1),
     "head dims 1, 2, 4, 8": dict(T=500, K=4, H=4),
@@ -264,6 +267,7 @@ GPU_CASES = {
     "gates near 1": dict(T=500, gate_shift=8.0),
     "no initial state": dict(T=500, initial_state=False),
     "reverse": dict(T=777, reverse=True),
+    "reverse recomputed": dict(T=777, reverse=True, recompute_states=True),
     "packed, short and long": dict(B=1, T=3000, lengths=[1, 2, 63, 64, 65, 2805]),
     "packed reverse": dict(B=1, T=1000, lengths=[500, 1, 499], reverse=True),
     "non-contiguous": dict(T=300, transpose_inputs=True),
