@@ -108,11 +108,12 @@ def build_baseline(name: str, smoke: bool) -> torch.nn.Module:
     raise ValueError(f"unknown baseline {name!r}: choose llama or fla")
 
 
-def run_baseline(name: str, seq_len: int, batch: int, steps: int, smoke: bool) -> dict:
-    """Plain loop: bf16 autocast over fp32 weights (what bf16-mixed does), fused AdamW, the same data."""
+def run_baseline(name: str, seq_len: int, batch: int, steps: int, smoke: bool, weights: str = "fp32") -> dict:
+    """Plain loop, bf16 autocast, fused AdamW, the same data, over fp32 weights (what bf16-mixed does) or with
+    `weights` "bf16" over bf16 weights (ANCHORS.md's setting; ours: `--trainer.precision bf16-true`)."""
     device = "cpu" if smoke else "cuda"
     torch.manual_seed(0)
-    model = build_baseline(name, smoke).to(device)
+    model = build_baseline(name, smoke).to(device, torch.bfloat16 if weights == "bf16" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device == "cuda")
     tokens = torch.randint(0, VOCAB, (batch, seq_len + 1), device=device)
     if device == "cuda":
@@ -128,7 +129,7 @@ def run_baseline(name: str, seq_len: int, batch: int, steps: int, smoke: bool) -
         step_ends.append(time.perf_counter())
     timed = np.diff(step_ends)[min(5, steps - 2) :]
     return {
-        "name": name,
+        "name": name if weights == "fp32" else f"{name}, bf16 weights",
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "seq_len": seq_len,
         "batch": batch,
@@ -192,6 +193,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--baselines", nargs="*", default=[], choices=["llama", "fla"])
     parser.add_argument("--baseline-shape", default="2048x16", help="SEQ_LENxBATCH of the baselines")
+    parser.add_argument("--baseline-weights", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32: bf16 autocast over fp32 weights (as bf16-mixed); bf16: bf16 weights (as ANCHORS.md)")
     parser.add_argument("--data", default="runs/bench-tokens", help="the synthetic token folder (made if missing)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
@@ -237,7 +240,7 @@ def main() -> None:
         write()
     seq_len, batch = (64, 2) if args.smoke else (int(x) for x in args.baseline_shape.split("x"))
     for name in args.baselines:
-        result["baselines"].append(run_baseline(name, seq_len, batch, args.steps, args.smoke))
+        result["baselines"].append(run_baseline(name, seq_len, batch, args.steps, args.smoke, args.baseline_weights))
         write()
     result["loss_agreement"] = loss_agreement(result["ours"])
     write()
