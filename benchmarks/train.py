@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=[], choices=["llama", "fla"])
     parser.add_argument("--baseline-shape", default="2048x16", help="SEQ_LENxBATCH of the baselines")
     parser.add_argument("--baseline-weights", choices=["fp32", "bf16"], default="fp32",
-                        help="fp32: bf16 autocast over fp32 weights (as bf16-mixed); bf16: bf16 weights (as ANCHORS.md)")
+                        help="fp32: bf16 autocast over fp32 weights (as bf16-mixed); bf16: bf16 weights (ANCHORS.md)")
     parser.add_argument("--data", default="runs/bench-tokens", help="the synthetic token folder (made if missing)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
