@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_scan import _bound, _empty, _exp, _gate, _row_stride
+from kernels.triton_scan import _empty, _row_stride
+from kernels.triton_scan_kernels import _bound, _exp, _gate
 
 
 @triton.jit

@@ -1,0 +1,561 @@
+"""Triton kernels of the HGRN2 training scan (forward and backward); kernels/triton_scan.py launches them and
+registers the torch custom ops.
+
+The gate is fused: the kernels read the forget logits f and the layer's lower bound b and form
+log(lambda) and k = (1 - b) sigmoid(-f) in registers; k is never stored. Time is cut into chunks of
+C tokens. The forward and the backward are each a light sequential pass over the chunks followed by
+one fully parallel over them:
+
+  states    one program per (sequence, head, K block, V block) walks its chunks in order and only
+            advances the state, S <- exp(G_C) S + (k exp(G_C - G))^T v, storing it at every chunk
+            start (and the final state): K V / C values per token. It reads f and v, never q.
+  outputs   one program per (chunk, head), all chunks in parallel: o = scale (q exp(G)) S + (A masked) v
+            with A = (q . k exp(G_t - G_s)) and S the stored state at the chunk's start.
+  dh        one program per (sequence, head, K block, V block) walks the chunks backwards and stores
+            the gradient of the state at each chunk end: dS <- exp(G_C) dS + scale (q exp(G))^T do.
+  grads     one program per (chunk, head), all chunks in parallel: dq, dk, dv, the gate gradient
+            dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
+            sum_v S dS), and from it df and the lower bound's gradient, per chunk.
+With few (sequence, head) walks the two sequential passes cut each walk into segments run at once, joined
+by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan.py, `_segments` and `_Walks`).
+
+Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
+chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
+leaves float range, which the kernel checks per chunk (|G - G_m| <= 40); a chunk with a wider gate
+range (gates near 0 without a lower bound) takes an exact elementwise path instead.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+FLOAT32_TINY = tl.constexpr(1.1754944e-38)
+"""Smallest normal float32: GPUs flush what lies below it to 0."""
+ANCHOR_RANGE = tl.constexpr(40.0)
+"""Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
+LOG2_E = tl.constexpr(1.4426950408889634)
+FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+"""The GPU's approximate logarithm (the interpreter has no libdevice fast_logf; the GPU tests cover it)."""
+
+
+@triton.jit
+def _exp(x):
+    """e^x as a multiply and one ex2.approx.ftz. tl.exp adds two instructions per element to keep subnormal
+    results (below 1.2e-38), which nothing here needs: such a decay is 0 for every sum it enters."""
+    return tl.exp2(x * LOG2_E)
+
+
+@triton.jit
+def _log(x):
+    """log(x) for normal x: lg2.approx and a multiply on the GPU, instead of libdevice's ~20-instruction
+    polynomial (tl.log). The gate is the only logarithm: every kernel evaluates it per element it touches."""
+    if FAST_LOG:
+        return libdevice.fast_logf(x)
+    return tl.log(x)
+
+
+@triton.jit
+def _gate(f, b, one_minus_b, mask):
+    """g = log(lambda) and k = 1 - lambda from fp32 logits f, with sigmoid(f) and sigmoid(-f) for the backward;
+    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f), b = 0 without a bound.
+
+    Three special-function operations per element (an exponential, a reciprocal, a logarithm), which is
+    what bounds the kernels' arithmetic: each computes the gate of every element it touches. lambda is a
+    sum of positive terms, never a difference, so g is right to about 1e-7 of its size. Where b is 0,
+    lambda = sigmoid(f) underflows below f = -87; it is held at float32's smallest normal there, a decay
+    to 0 within one step either way (the backward's chain rule does not go through lambda there)."""
+    e = _exp(-tl.abs(f))
+    r = 1 / (1 + e)  # sigmoid(|f|)
+    sig = tl.where(f >= 0, r, e * r)
+    sig_neg = tl.where(f >= 0, e * r, r)
+    k = one_minus_b[None, :] * sig_neg
+    g = _log(tl.maximum(b[None, :] + one_minus_b[None, :] * sig, FLOAT32_TINY))
+    return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg
+
+
+@triton.jit
+def _bound(lower_bound, i_h, offs_k, mask_k, K: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """b and 1 - b of the head's K channels (0 and 1 when there is no bound)."""
+    b = tl.zeros([BK], dtype=tl.float32)
+    if HAS_BOUND:
+        b += tl.load(lower_bound + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return b, 1 - b
+
+
+@triton.jit
+def _sequence(i_n, T, C: tl.constexpr, cu_seqlens, state_offsets, IS_VARLEN: tl.constexpr):
+    """First row, end row and the offset of its chunk states, for sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        state_off = tl.load(state_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        state_off = i_n.to(tl.int64) * (tl.cdiv(T, C) + 1)
+    return bos, eos, state_off
+
+
+@triton.jit
+def _chunk_of_program(i_c, T, C: tl.constexpr, chunk_table, IS_VARLEN: tl.constexpr):
+    """Sequence and chunk index of program i_c of a chunk-parallel kernel. A packed batch's chunk count is only
+    bounded in advance: its table marks the programs past the last chunk with sequence -1."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_table + 2 * i_c)
+        i_t = tl.load(chunk_table + 2 * i_c + 1)
+    else:
+        n_chunks_per_sequence = tl.cdiv(T, C)
+        i_n = i_c // n_chunks_per_sequence
+        i_t = i_c % n_chunks_per_sequence
+    return i_n, i_t
+
+
+@triton.jit
+def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.constexpr):
+    """Which positions of chunk i_t are inside the sequence, and their memory rows: a reverse scan walks each
+    sequence from its end."""
+    p = i_t * C + offs_c
+    if REVERSE:
+        return p < length, eos - 1 - p
+    return p < length, bos + p
+
+
+@triton.jit
+def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K: tl.constexpr, C: tl.constexpr):
+    """The gate of one chunk from its forget logits: `_gate`'s g, k, sigmoid(+-f), then the cumulative gate G
+    from the chunk's start and its last row G_last, the decay across the whole chunk."""
+    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck)
+    G = tl.cumsum(g, axis=0)
+    return g, k, sig, sig_neg, G, _row_of(G, offs_c, C - 1)
+
+
+@triton.jit
+def _row_of(x, offs_c, m):
+    """Row m of a [C, D] register tile, as a [D] vector."""
+    return tl.sum(tl.where((offs_c == m)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _anchor(G, offs_c, valid, C: tl.constexpr):
+    """The anchor row G_m and whether every |G - G_m| of the chunk is within the matmul path's range."""
+    G_mid = _row_of(G, offs_c, C // 2 - 1)
+    spread = tl.max(tl.max(tl.where(valid[:, None], tl.abs(G - G_mid[None, :]), 0.0), axis=1), axis=0)
+    return G_mid, spread <= ANCHOR_RANGE
+
+
+@triton.jit
+def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk), one key at a time: no exponent is ever positive."""
+    A = tl.zeros([C, C], dtype=tl.float32)
+    for s in range(C):
+        k_s = _row_of(k, offs_c, s)
+        G_s = _row_of(G, offs_c, s)
+        column = tl.sum(q * k_s[None, :] * _exp(tl.minimum(G - G_s[None, :], 0.0)), axis=1)
+        A = tl.where(offs_c[None, :] == s, column[:, None], A)
+    return A
+
+
+@triton.jit
+def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.constexpr):
+    """Whether the chunk's gate range allows the anchored matmul, its anchor row G_m and the anchored operands
+    q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT (q and k themselves where it does not)."""
+    G_mid, anchored = _anchor(G, offs_c, valid, C)
+    if anchored:
+        q_mid = (q * _exp(G - G_mid[None, :])).to(OPERAND_DT)
+        k_mid = (k * _exp(G_mid[None, :] - G)).to(OPERAND_DT)
+    else:
+        q_mid = q.to(OPERAND_DT)
+        k_mid = k.to(OPERAND_DT)
+    return anchored, G_mid, q_mid, k_mid
+
+
+@triton.jit
+def _scores(q, k, G, offs_c, anchored, q_mid, k_mid, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k
+    and `_anchored_operands`: one matmul when the chunk is anchored, else elementwise."""
+    if anchored:
+        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
+    else:
+        A = _scores_exact(q, k, G, offs_c, C, BK)
+    return A
+
+
+@triton.jit
+def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
+    """dq_t = sum_s dA[t, s] k_s exp(G_t - G_s) and dk_s = sum_t dA[t, s] q_t exp(G_t - G_s), elementwise."""
+    dq = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    for s in range(C):
+        k_s = _row_of(k, offs_c, s)
+        G_s = _row_of(G, offs_c, s)
+        decay = _exp(tl.minimum(G - G_s[None, :], 0.0))
+        dA_s = tl.sum(tl.where(offs_c[None, :] == s, dA, 0.0), axis=1)
+        dq += dA_s[:, None] * k_s[None, :] * decay
+        dk_s = tl.sum(dA_s[:, None] * q * decay, axis=0)
+        dk = tl.where((offs_c == s)[:, None], dk_s[None, :], dk)
+    return dq, dk
+
+
+@triton.jit
+def _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a sequential kernel's program owns: the [BK, BV] tile (K block i_k, V block i_v) of the state of
+    sequence and head i_nh, over segment i_seg of its chunks (see `_segments`). Its sequence-head, segment,
+    head, sequence bounds and chunk-state offset, the tile's offsets and masks, and b and 1 - b of its K
+    channels. The grid is one axis, tiles of a state next to each other: a second or third axis would stop
+    at 65535 (Path-X's 2D scan has a million sequence-heads)."""
+    tiles_per_state: tl.constexpr = tl.cdiv(K, BK) * tl.cdiv(V, BV)
+    i_walk, i_kv = tl.program_id(0) // tiles_per_state, tl.program_id(0) % tiles_per_state
+    i_nh, i_seg = i_walk // n_segments, i_walk % n_segments
+    i_k, i_v = i_kv % tl.cdiv(K, BK), i_kv // tl.cdiv(K, BK)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_tile = offs_k[:, None] * V + offs_v[None, :]
+    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    return (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile,
+            b, one_minus_b)
+
+
+@triton.jit
+def _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k, state_tile,
+                       mask_kv, K: tl.constexpr, V: tl.constexpr):
+    """A segment program's results for `_segment_carry_kernel`: its local end tile (float32) and the gate sum D
+    over its chunks (the first V block writes that)."""
+    i_segment = i_nh.to(tl.int64) * n_segments + i_seg
+    tl.store(segment_ends + i_segment * K * V + state_tile, S, mask=mask_kv)
+    tl.store(segment_decays + i_segment * K + offs_k, D, mask=mask_k & (i_v == 0))
+
+
+@triton.jit
+def _initial_tile(x, i_nh, state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, GIVEN: tl.constexpr):
+    """The program's tile of a float32 [N, H, K, V] state (an initial state or a final state's gradient), zeros
+    when none is given."""
+    tile = tl.zeros([BK, BV], dtype=tl.float32)
+    if GIVEN:
+        tile += tl.load(x + i_nh.to(tl.int64) * K * V + state_tile, mask=mask_kv, other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _fwd_states_kernel(
+    f, v, lower_bound, h0, states, final_state, chunk_decays, segment_ends, segment_decays, seeds, cu_seqlens,
+    state_offsets, stride_f, stride_v, T, n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, SEGMENTED: tl.constexpr,
+    SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr,
+):
+    """SEGMENTED: each segment from zero (see `_segments`), for `_segment_carry_kernel`. SEEDED: each segment from
+    its true starting tile, the seed a segmented forward left (`_Walks.carry`), so the chunk states are exact with
+    no carry pass: the backward's recomputation."""
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
+                                        HAS_BOUND, IS_VARLEN)
+    length = eos - bos
+    offs_c = tl.arange(0, C)
+    S = tl.where(i_seg == 0, _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0), 0.0)
+    if SEEDED:  # the first segment's seed is zero: it starts from the initial tile above
+        S += tl.load(seeds + (i_nh.to(tl.int64) * n_segments + i_seg) * K * V + state_tile, mask=mask_kv,
+                     other=0.0).to(tl.float32)
+    D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
+    n_chunks = tl.cdiv(length, C)
+    first = i_seg * segment_chunks
+    last = tl.minimum(first + segment_chunks, n_chunks)
+    for i_t in range(first, last):
+        tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
+                 mask=mask_kv)
+        if SEGMENTED:
+            tl.store(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
+        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+        mask_ck = valid[:, None] & mask_k[None, :]
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+        k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
+                      other=0.0)
+        S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
+        D += G_last
+    if last == n_chunks:
+        # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
+        tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
+                 mask=mask_kv)
+    if SEGMENTED:
+        if last == n_chunks:
+            tl.store(chunk_decays + ((state_off + n_chunks) * H + i_h) * K + offs_k, D,
+                     mask=mask_k & (i_v == 0))
+        _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
+                           mask_k, state_tile, mask_kv, K, V)
+    elif OUTPUT_FINAL:
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
+
+
+@triton.jit
+def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.constexpr, K: tl.constexpr,
+                C: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """What a chunk-parallel kernel's program owns: chunk i_t of sequence i_n, head i_h, the whole K. Its
+    sequence's chunk-state offset and length, the chunk's rows and masks, the causal mask, b and 1 - b."""
+    bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
+    length = eos - bos
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+    mask_ck = valid[:, None] & mask_k[None, :]
+    causal = offs_c[:, None] >= offs_c[None, :]
+    b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
+    return state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
+
+
+@triton.jit
+def _fwd_output_kernel(
+    q, f, v, lower_bound, states, o, chunk_decays, seeds, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f,
+    stride_v, scale, T, n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr, SEEDED: tl.constexpr,
+):
+    """SEEDED: the chunk states are a segmented walk's local ones; the true state at a chunk's start is
+    local + exp(D) seed, D the gate sum since its segment's start and seed the segment's true start
+    (`_Walks.carry`), so the correction is one more product, (q exp(G + D)) seed, instead of a carry pass that
+    reads and writes every chunk state."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
+    if i_n < 0:
+        return
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+        i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
+    DT = q.dtype.element_ty
+    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
+    anchored, _, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, WIDE_DT)
+    A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
+    A = tl.where(causal, A * scale, 0.0).to(DT)
+    q_decayed = q_t * _exp(G) * scale
+    q_inter = q_decayed.to(WIDE_DT)
+    state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
+    if SEEDED:
+        D = tl.load(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, mask=mask_k, other=0.0)
+        q_seed = (q_decayed * _exp(D)[None, :]).to(WIDE_DT)
+        seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        mask_cv = valid[:, None] & mask_v[None, :]
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        state_tile = offs_k[:, None] * V + offs_v[None, :]
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
+        if SEEDED:
+            seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+            out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
+        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, cu_seqlens,
+    state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+):
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
+                                        HAS_BOUND, IS_VARLEN)
+    length = eos - bos
+    chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
+    offs_c = tl.arange(0, C)
+    dS = tl.where(i_seg == n_segments - 1, _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL),
+                  0.0)
+    D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
+    n_chunks = tl.cdiv(length, C)
+    first = i_seg * segment_chunks
+    last = tl.minimum(first + segment_chunks, n_chunks)
+    for j in range(0, last - first):
+        i_t = last - 1 - j
+        tl.store(dstates + ((chunk_off + i_t) * H + i_h) * K * V + state_tile, dS.to(dstates.dtype.element_ty),
+                 mask=mask_kv)
+        if SEGMENTED:
+            tl.store(chunk_decays + ((chunk_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
+        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+        mask_ck = valid[:, None] & mask_k[None, :]
+        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
+                       mask=valid[:, None] & mask_v[None, :], other=0.0)
+        q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
+        dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
+        D += G_last
+    if SEGMENTED:
+        _store_segment_end(dS, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
+                           state_tile, mask_kv, K, V)
+    elif WRITE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
+
+
+@triton.jit
+def _after_segment(carry, segment_ends, segment_decays, i_nh, i_segment_of_walk, n_segments, offs_k, mask_k,
+                   state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr):
+    """The tile carried out of a segment: what came in, decayed over the segment, plus its local end."""
+    i_segment = i_nh.to(tl.int64) * n_segments + i_segment_of_walk
+    decay = tl.load(segment_decays + i_segment * K + offs_k, mask=mask_k, other=0.0)
+    end = tl.load(segment_ends + i_segment * K * V + state_tile, mask=mask_kv, other=0.0)
+    return carry * _exp(decay)[:, None] + end
+
+
+@triton.jit
+def _segment_carry_kernel(
+    chunk_states, chunk_decays, segment_ends, segment_decays, boundary_state, seeds, cu_seqlens, state_offsets, T,
+    n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BACKWARD: tl.constexpr, FIX_STATES: tl.constexpr, WRITE_SEEDS: tl.constexpr, WRITE_BOUNDARY: tl.constexpr,
+):
+    """The second half of a segmented walk (equal lengths only). Each segment program above started from zero
+    (except the one at the walk's start, which had the true initial tile); this sums what the segments before
+    it carry in: carry = sum over earlier segments j of exp(gate sums of the segments between) * end_j, the
+    segment's seed. FIX_STATES then adds exp(D_chunk) * carry to every chunk state of the segment, D_chunk its
+    gate sum from the segment's start; WRITE_SEEDS stores the seed instead, for consumers that add it themselves.
+    BACKWARD (the dh walk) runs from the sequence's end: "earlier" segments are the later ones. The program of
+    the segment where the walk ends writes the float32 boundary state (the final state, or dh0)."""
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, chunk_decays, H, K, V, C, BK, BV,
+                                        False, False)  # no bound here: chunk_decays stands in, never read
+    n_chunks = tl.cdiv(T, C)
+    slot_off = state_off - i_n if BACKWARD else state_off  # dh has one slot per chunk, the states one more
+    walk_pos = n_segments - 1 - i_seg if BACKWARD else i_seg  # segments before this one in walk order
+    carry = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(0, walk_pos):
+        carry = _after_segment(carry, segment_ends, segment_decays, i_nh, n_segments - 1 - j if BACKWARD else j,
+                               n_segments, offs_k, mask_k, state_tile, mask_kv, K, V)
+    first = i_seg * segment_chunks
+    last = tl.minimum(first + segment_chunks, n_chunks)
+    if BACKWARD:
+        end_slot = last
+    else:
+        end_slot = last + (last == n_chunks).to(tl.int32)  # and the slot after the sequence's last chunk
+    if WRITE_SEEDS:
+        tl.store(seeds + (i_nh.to(tl.int64) * n_segments + i_seg) * K * V + state_tile,
+                 carry.to(seeds.dtype.element_ty), mask=mask_kv)
+    if FIX_STATES and walk_pos > 0:
+        for i_t in range(first, end_slot):
+            slot = ((slot_off + i_t) * H + i_h) * K
+            decay = tl.load(chunk_decays + slot + offs_k, mask=mask_k, other=0.0)
+            tile = chunk_states + slot * V + state_tile
+            local = tl.load(tile, mask=mask_kv, other=0.0).to(tl.float32)
+            tl.store(tile, (local + _exp(decay)[:, None] * carry).to(chunk_states.dtype.element_ty), mask=mask_kv)
+    if WRITE_BOUNDARY and walk_pos == n_segments - 1:
+        boundary = _after_segment(carry, segment_ends, segment_decays, i_nh, i_seg, n_segments, offs_k, mask_k,
+                                  state_tile, mask_kv, K, V)
+        tl.store(boundary_state + i_nh.to(tl.int64) * K * V + state_tile, boundary, mask=mask_kv)
+
+
+@triton.jit
+def _bwd_kernel(
+    q, f, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
+    stride_q, stride_f, stride_v, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
+    if i_n < 0:
+        return
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+        i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
+    chunk = state_off - i_n + i_t
+    DT = q.dtype.element_ty
+
+    # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
+    # the anchored operands across the V loop; otherwise only what the loop needs (A, k_end) is held, and the
+    # gate and q are read again after it and recomputed in two steps. Recomputing is 55% slower at bf16 on the
+    # H100 (kernels/NOTES.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
+    # spills): 16-bit inputs hold, float32 recomputes.
+    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
+                                                K, C)
+    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
+    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
+    A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
+    A = tl.where(causal, A * scale, 0.0).to(DT)
+    k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+
+    dq_inter = tl.zeros([C, BK], dtype=tl.float32)
+    dk_state = tl.zeros([C, BK], dtype=tl.float32)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dh_dot_h = tl.zeros([BK], dtype=tl.float32)
+    state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
+    dstate_at_end = dstates + (chunk * H + i_h) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        mask_cv = valid[:, None] & mask_v[None, :]
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        state_tile = offs_k[:, None] * V + offs_v[None, :]
+        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        dh_end = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        dA += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
+        dq_inter += tl.dot(do_t.to(WIDE_DT), tl.trans(h_start), input_precision=PRECISION)
+        dk_state += tl.dot(v_t.to(WIDE_DT), tl.trans(dh_end), input_precision=PRECISION)
+        dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(k_end, dh_end, input_precision=PRECISION)
+        tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
+        dh_dot_h += tl.sum(h_start.to(tl.float32) * dh_end.to(tl.float32), axis=1)
+
+    # The diagonal pairs (t, t) of the intra-chunk scores carry no decay, so their gate gradients cancel
+    # exactly: they are kept out of the dq, dk used for dG (otherwise dG would be a difference of O(1)
+    # terms, all rounding, when the gates are near 0) and added to the stored dq, dk afterwards.
+    eye = offs_c[:, None] == offs_c[None, :]
+    dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1) * scale
+    dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
+    if not HOLD_GATE:
+        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        q_t = q_t.to(tl.float32)
+        anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
+    dq_t = dq_inter * _exp(G) * scale
+    dk_state = dk_state * _exp(G_last[None, :] - G)
+    if anchored:
+        dq_t += _exp(G - G_mid[None, :]) * tl.dot(dA.to(ANCHORED_DT), k_mid, input_precision=PRECISION)
+        dk_intra = _exp(G_mid[None, :] - G) * tl.dot(tl.trans(dA.to(ANCHORED_DT)), q_mid,
+                                                        input_precision=PRECISION)
+    else:
+        dq_intra, dk_intra = _intra_grads_exact(q_t, k, G, dA, offs_c, C, BK)
+        dq_t += dq_intra
+    tl.store(dq + (rows[:, None] * H + i_h) * K + offs_k[None, :],
+             (dq_t + dA_diag[:, None] * k).to(dq.dtype.element_ty),
+             mask=mask_ck)
+    dk_t = dk_intra + dk_state + dA_diag[:, None] * q_t
+
+    # Gate: dg_j = sum over (query, key) pairs whose decay spans step j. Within the chunk that is the
+    # reverse cumulative sum of q dq - k dk; the chunk end acts as one more query (the state S_C), whose
+    # key-side pairs are the earlier rows. Its pair with the last row carries no decay: left out too.
+    last_row = tl.minimum(length - i_t * C, C) - 1
+    k_dk_state = tl.where(mask_ck & (offs_c < last_row)[:, None], k * dk_state, 0.0)
+    state_term = _exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
+    dG = tl.where(mask_ck, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
+    dg = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + state_term[None, :]
+    # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): d lambda / df = -dk / df = (1 - b) sigmoid(f)
+    # sigmoid(-f) and d lambda / db = -dk / db = sigmoid(-f), with d log(lambda) / d lambda = exp(-g). Through f
+    # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
+    # a bound even where lambda underflows.
+    if not HOLD_GATE:
+        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        g, _, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck)
+    inverse_lambda = _exp(-g)
+    share = tl.where((b == 0)[None, :], 1.0, one_minus_b[None, :] * sig * inverse_lambda)
+    df_t = sig_neg * (dg * share - dk_t * one_minus_b[None, :] * sig)
+    tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
+    if HAS_BOUND:
+        db_t = sig_neg * (dg * inverse_lambda - dk_t)
+        tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
