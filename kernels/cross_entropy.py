@@ -37,6 +37,24 @@ def _uses_triton(logits: Tensor) -> bool:
     return logits.is_cuda and logits.dtype != torch.float64
 
 
+def _chunk_loss_and_grad(logits: Tensor, targets: Tensor, ignore_index: int, want_grad: bool,
+                         exact: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The sum of a chunk's losses (in `exact`) and, given `want_grad`, its gradient with respect to the logits
+    (softmax - one_hot(target), zero on ignored rows) in the logits' dtype; the Triton path writes it over them."""
+    if _uses_triton(logits):
+        return loss_and_grad_(logits, targets, ignore_index, want_grad).sum(), logits if want_grad else None
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    wide = logits.to(exact)
+    log_z = wide.logsumexp(dim=-1)
+    loss = ((log_z - wide.gather(1, safe_targets[:, None]).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss, None
+    grad = wide.sub_(log_z[:, None]).exp_()
+    grad[torch.arange(len(targets), device=targets.device), safe_targets] -= 1
+    return loss, (grad * valid[:, None]).to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
@@ -51,21 +69,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, hidden.shape[0], chunk):
             h, t = h_all[start : start + chunk], targets[start : start + chunk]
-            logits = h @ w.T
-            if _uses_triton(logits):
-                total += loss_and_grad_(logits, t, ignore_index, want_grad).sum()
-                grad_logits = logits  # overwritten in place by the gradient
-            else:
-                valid = t != ignore_index
-                safe_t = torch.where(valid, t, 0)
-                logits = logits.to(exact)
-                log_z = logits.logsumexp(dim=-1)
-                target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
-                total += ((log_z - target_logits) * valid).sum()
-                # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored rows.
-                grad_logits = logits.sub_(log_z[:, None]).exp_()
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1
-                grad_logits = (grad_logits * valid[:, None]).to(dtype)
+            loss, grad_logits = _chunk_loss_and_grad(h @ w.T, t, ignore_index, want_grad, exact)
+            total += loss
             if want_grad:
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk] = grad_logits @ w
