@@ -63,7 +63,8 @@ def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
             **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
 
 
-def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, **options):
+def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_seqlens: torch.Tensor | None = None,
+                       reverse: bool = False, recompute: bool = False):
     """Forward with states for the backward (or, `recompute`, with seeds to rebuild them from), then the backward,
     as autograd calls them. Many heads (H * B walks) give the sequential kernels their wide tiles, few their
     narrow ones."""
@@ -73,8 +74,6 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, **opt
         T = 100
         q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
         bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
-        cu_seqlens, reverse, recompute = options.get("cu_seqlens"), options.get("reverse", False), options.get(
-            "recompute", False)
         _, _, states, seeds = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True)
         if recompute:
             states = scan_states(q, f, v, bound, h0, seeds, cu_seqlens, reverse)

@@ -14,7 +14,7 @@ EXPORT = "\n".join([
     HEADER,
     '"343","return core.associative_scan(input, axis, _sum_combine, reverse)","-","-","300","250","300","6000"',
     '"","","0x7f00","      SHFL.UP PT, R1, R2, 0x1, RZ","200","150","200","4000"',
-    '"File Path","/work/main/kernels/triton_scan.py"',
+    '"File Path","/src/kernels/triton_scan_kernels.py"',
     '"Function Name","_bwd_kernel"',
     HEADER,
     '"52","return tl.exp2(x * LOG2_E)","-","-","100","90","100","3000"',
@@ -31,7 +31,7 @@ def test_sums_stalls_and_instructions_per_source_line(tmp_path):
     lines = result.stdout.splitlines()
     # Instruction rows are not counted again: 1000 samples and 10000 instructions over the three source lines.
     assert lines[0] == "1000 stall samples, 10000 warp instructions executed"
-    assert lines[2].split()[:3] == ["60.0%", "10.0%", "triton_scan.py:491"]
+    assert lines[2].split()[:3] == ["60.0%", "10.0%", "triton_scan_kernels.py:491"]
     assert lines[3].split()[:3] == ["30.0%", "60.0%", "standard.py:343"]
     assert len(lines) == 4, "--top 2 prints two lines"
 

@@ -269,7 +269,7 @@ def test_compiled_blocks_compute_the_same_and_share_one_graph_across_drop_path_r
     """compile_blocks: the same outputs and gradients as eager (drop path off), and with drop path on, the
     blocks of different rates share one graph (the first block, whose rate is 0, has its own), with no break.
     Dynamo's graphs run through aot_eager here: Inductor's C++ build of them takes minutes on CI's two cores
-    (the LM's compile_blocks test covers Inductor)."""
+    (the compiled decode step's test, tests/model/test_generate.py, covers Inductor)."""
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
     images = torch.randn(4, 3, 16, 16)
