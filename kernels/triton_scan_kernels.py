@@ -225,6 +225,23 @@ def _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H
 
 
 @triton.jit
+def _segment_range(i_seg, segment_chunks, n_chunks):
+    """The chunks [first, last) that segment i_seg of a walk over n_chunks covers (the last segment may be short)."""
+    first = i_seg * segment_chunks
+    return first, tl.minimum(first + segment_chunks, n_chunks)
+
+
+@triton.jit
+def _store_walk_step(tiles, chunk_decays, slot, S, D, state_tile, mask_kv, offs_k, mask_k, i_v, K: tl.constexpr,
+                     V: tl.constexpr, SEGMENTED: tl.constexpr):
+    """A sequential kernel's tile of chunk slot `slot` ((chunk state) * H + head): the state (or its gradient) in the
+    buffer's type and, in a segmented walk, the gate sum D since the segment's start (the first V block writes it)."""
+    tl.store(tiles + slot * K * V + state_tile, S.to(tiles.dtype.element_ty), mask=mask_kv)
+    if SEGMENTED:
+        tl.store(chunk_decays + slot * K + offs_k, D, mask=mask_k & (i_v == 0))
+
+
+@triton.jit
 def _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k, state_tile,
                        mask_kv, K: tl.constexpr, V: tl.constexpr):
     """A segment program's results for `_segment_carry_kernel`: its local end tile (float32) and the gate sum D
@@ -268,13 +285,10 @@ def _fwd_states_kernel(
                      other=0.0).to(tl.float32)
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
     n_chunks = tl.cdiv(length, C)
-    first = i_seg * segment_chunks
-    last = tl.minimum(first + segment_chunks, n_chunks)
+    first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for i_t in range(first, last):
-        tl.store(states + ((state_off + i_t) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
-                 mask=mask_kv)
-        if SEGMENTED:
-            tl.store(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
+        _store_walk_step(states, chunk_decays, (state_off + i_t) * H + i_h, S, D, state_tile, mask_kv, offs_k, mask_k,
+                         i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
@@ -285,12 +299,9 @@ def _fwd_states_kernel(
         D += G_last
     if last == n_chunks:
         # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
-        tl.store(states + ((state_off + n_chunks) * H + i_h) * K * V + state_tile, S.to(states.dtype.element_ty),
-                 mask=mask_kv)
+        _store_walk_step(states, chunk_decays, (state_off + n_chunks) * H + i_h, S, D, state_tile, mask_kv, offs_k,
+                         mask_k, i_v, K, V, SEGMENTED)
     if SEGMENTED:
-        if last == n_chunks:
-            tl.store(chunk_decays + ((state_off + n_chunks) * H + i_h) * K + offs_k, D,
-                     mask=mask_k & (i_v == 0))
         _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
                            mask_k, state_tile, mask_kv, K, V)
     elif OUTPUT_FINAL:
@@ -313,6 +324,16 @@ def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.
     causal = offs_c[:, None] >= offs_c[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
     return state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
+
+
+@triton.jit
+def _v_block(i_v, offs_k, mask_k, valid, V: tl.constexpr, BV: tl.constexpr):
+    """V block i_v of a chunk-parallel kernel's loop: its offsets, the masks of its [C, BV] rows and [K, BV] state
+    tile, and that tile's offsets in a [K, V] state."""
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+    mask_cv, mask_kv = valid[:, None] & mask_v[None, :], mask_k[:, None] & mask_v[None, :]
+    return offs_v, mask_cv, mask_kv, offs_k[:, None] * V + offs_v[None, :]
 
 
 @triton.jit
@@ -347,11 +368,7 @@ def _fwd_output_kernel(
         q_seed = (q_decayed * _exp(D)[None, :]).to(WIDE_DT)
         seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
-        mask_cv = valid[:, None] & mask_v[None, :]
-        mask_kv = mask_k[:, None] & mask_v[None, :]
-        state_tile = offs_k[:, None] * V + offs_v[None, :]
+        offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
@@ -379,14 +396,11 @@ def _bwd_dh_kernel(
                   0.0)
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
     n_chunks = tl.cdiv(length, C)
-    first = i_seg * segment_chunks
-    last = tl.minimum(first + segment_chunks, n_chunks)
+    first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for j in range(0, last - first):
         i_t = last - 1 - j
-        tl.store(dstates + ((chunk_off + i_t) * H + i_h) * K * V + state_tile, dS.to(dstates.dtype.element_ty),
-                 mask=mask_kv)
-        if SEGMENTED:
-            tl.store(chunk_decays + ((chunk_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
+        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS, D, state_tile, mask_kv, offs_k,
+                         mask_k, i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
@@ -437,8 +451,7 @@ def _segment_carry_kernel(
     for j in range(0, walk_pos):
         carry = _after_segment(carry, segment_ends, segment_decays, i_nh, n_segments - 1 - j if BACKWARD else j,
                                n_segments, offs_k, mask_k, state_tile, mask_kv, K, V)
-    first = i_seg * segment_chunks
-    last = tl.minimum(first + segment_chunks, n_chunks)
+    first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     if BACKWARD:
         end_slot = last
     else:
@@ -496,11 +509,7 @@ def _bwd_kernel(
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
     dstate_at_end = dstates + (chunk * H + i_h) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
-        mask_cv = valid[:, None] & mask_v[None, :]
-        mask_kv = mask_k[:, None] & mask_v[None, :]
-        state_tile = offs_k[:, None] * V + offs_v[None, :]
+        offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
