@@ -39,7 +39,7 @@ def _decode_kernel(
         row = i_n.to(tl.int64) * T + t
         # `_gate` works on [rows, K] tiles: the one row of this step is a [1, K] tile.
         f_t = tl.load(f + row * stride_f + i_h * K + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-        g, k, _, _ = _gate(f_t.to(tl.float32), b, one_minus_b, mask_k[None, :])
+        g, k, _, _ = _gate(f_t.to(tl.float32), b[None, :], one_minus_b[None, :], mask_k[None, :])
         q_t = tl.load(q + row * stride_q + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         v_t = tl.load(v + row * stride_v + i_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
         S = S * _exp(tl.reshape(g, [BK]))[:, None] + tl.reshape(k, [BK])[:, None] * v_t[None, :]

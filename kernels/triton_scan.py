@@ -141,8 +141,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). No
-      software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and for
-      float32 at K 256 a 32-wide V block in the grads kernel (244 KiB at 64)."""
+      software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
+      grads kernel's state tiles are float32 (float32 and float16 inputs) at K 256 a 32-wide V block there (302
+      KiB at 64)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     if kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
@@ -154,7 +155,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
     elif kernel == "grads":
-        tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype == torch.float32 else BV,
+        tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype != torch.bfloat16 else BV,
                      HOLD_GATE=dtype != torch.float32, **wide)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
@@ -360,16 +361,17 @@ def scan_bwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite")
+        f_by_time = _empty(B, H, K, T, dtype=f.dtype, device=q.device)
         _bwd_dh_kernel[walks.grid](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
-            *walks.kernel_args(), layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
+            *walks.kernel_args(), f_by_time, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T,
             walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0,
             SEGMENTED=walks.segmented, **walks.tiles, **common,
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         _bwd_kernel[(layout.n_chunks, H)](
-            q, f, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens, layout.state_offsets,
-            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, **_tiles("grads", K, V, q.dtype),
+            q, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens,
+            layout.state_offsets, layout.chunk_table, q.stride(1), v.stride(1), scale, T, **_tiles("grads", K, V, q.dtype),
             ANCHORED_DT=tl.float32, **common,
         )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()

@@ -59,7 +59,8 @@ def _log(x):
 @triton.jit
 def _gate(f, b, one_minus_b, mask):
     """g = log(lambda) and k = 1 - lambda from fp32 logits f, with sigmoid(f) and sigmoid(-f) for the backward;
-    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f), b = 0 without a bound.
+    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f), b = 0 without a bound; b and
+    1 - b come broadcastable to f's tile (`_per_channel`).
 
     Three special-function operations per element (an exponential, a reciprocal, a logarithm), which is
     what bounds the kernels' arithmetic: each computes the gate of every element it touches. lambda is a
@@ -70,8 +71,8 @@ def _gate(f, b, one_minus_b, mask):
     r = 1 / (1 + e)  # sigmoid(|f|)
     sig = tl.where(f >= 0, r, e * r)
     sig_neg = tl.where(f >= 0, e * r, r)
-    k = one_minus_b[None, :] * sig_neg
-    g = _log(tl.maximum(b[None, :] + one_minus_b[None, :] * sig, FLOAT32_TINY))
+    k = one_minus_b * sig_neg
+    g = _log(tl.maximum(b + one_minus_b * sig, FLOAT32_TINY))
     return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg
 
 
@@ -123,26 +124,68 @@ def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K: tl.constexpr, C: tl.constexpr):
-    """The gate of one chunk from its forget logits: `_gate`'s g, k, sigmoid(+-f), then the cumulative gate G
-    from the chunk's start and its last row G_last, the decay across the whole chunk."""
-    f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck)
-    G = tl.cumsum(g, axis=0)
-    return g, k, sig, sig_neg, G, _row_of(G, offs_c, C - 1)
+def _per_channel(x, AXIS: tl.constexpr):
+    """A per-channel vector ([K]) broadcastable to a chunk tile whose positions lie along AXIS: [C, K] when AXIS
+    is 0, [K, C] when 1."""
+    if AXIS == 0:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
 
 
 @triton.jit
-def _row_of(x, offs_c, m):
-    """Row m of a [C, D] register tile, as a [D] vector."""
-    return tl.sum(tl.where((offs_c == m)[:, None], x, 0.0), axis=0)
+def _per_position(x, AXIS: tl.constexpr):
+    """A per-position vector ([C]) broadcastable to a chunk tile whose positions lie along AXIS."""
+    if AXIS == 0:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
 
 
 @triton.jit
-def _anchor(G, offs_c, valid, C: tl.constexpr):
-    """The anchor row G_m and whether every |G - G_m| of the chunk is within the matmul path's range."""
-    G_mid = _row_of(G, offs_c, C // 2 - 1)
-    spread = tl.max(tl.max(tl.where(valid[:, None], tl.abs(G - G_mid[None, :]), 0.0), axis=1), axis=0)
+def _position(x, offs_c, m, AXIS: tl.constexpr):
+    """Position m of a chunk tile (positions along AXIS), as a per-channel vector."""
+    return tl.sum(tl.where(_per_position(offs_c == m, AXIS), x, 0.0), axis=AXIS)
+
+
+@triton.jit
+def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
+    """The [C, block] tile of head i_h of a [rows, H, D] tensor (row stride `stride`) at the chunk's memory rows."""
+    return tl.load(x + rows[:, None] * stride + i_h * D + offs[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _by_time(x, i_n, bos, i_t, offs_c, i_h, offs_k, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+             IS_VARLEN: tl.constexpr):
+    """Pointers of the [K, C] tile of chunk i_t, head i_h in a [B, H, K, T] copy of a [B, T, H, K] tensor whose time
+    axis runs in scan order (backwards in a reverse scan), so that a chunk's positions are contiguous in either
+    direction. A packed batch is one sequence (B = 1); its sequence i_n starts at bos."""
+    if IS_VARLEN:
+        batch = 0
+        start = bos
+    else:
+        batch = i_n.to(tl.int64)
+        start = 0
+    return x + ((batch * H + i_h) * K + offs_k[:, None]) * T + (start + i_t * C + offs_c)[None, :]
+
+
+@triton.jit
+def _chunk_gate(f_t, b, one_minus_b, mask, offs_c, C: tl.constexpr, AXIS: tl.constexpr):
+    """The gate of one chunk from its forget logits f_t (positions along AXIS): `_gate`'s g, k, sigmoid(+-f), then
+    the cumulative gate G from the chunk's start and its last position G_last, the decay across the whole chunk."""
+    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), _per_channel(b, AXIS), _per_channel(one_minus_b, AXIS), mask)
+    G = tl.cumsum(g, axis=AXIS)
+    return g, k, sig, sig_neg, G, _position(G, offs_c, C - 1, AXIS)
+
+
+@triton.jit
+def _anchor(G, offs_c, valid, C: tl.constexpr, AXIS: tl.constexpr):
+    """The anchor position G_m and whether every |G - G_m| of the chunk is within the matmul path's range."""
+    G_mid = _position(G, offs_c, C // 2 - 1, AXIS)
+    spread = tl.max(tl.max(tl.where(_per_position(valid, AXIS), tl.abs(G - _per_channel(G_mid, AXIS)), 0.0), axis=1),
+                    axis=0)
     return G_mid, spread <= ANCHOR_RANGE
 
 
@@ -151,21 +194,21 @@ def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
     """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk), one key at a time: no exponent is ever positive."""
     A = tl.zeros([C, C], dtype=tl.float32)
     for s in range(C):
-        k_s = _row_of(k, offs_c, s)
-        G_s = _row_of(G, offs_c, s)
+        k_s = _position(k, offs_c, s, 0)
+        G_s = _position(G, offs_c, s, 0)
         column = tl.sum(q * k_s[None, :] * _exp(tl.minimum(G - G_s[None, :], 0.0)), axis=1)
         A = tl.where(offs_c[None, :] == s, column[:, None], A)
     return A
 
 
 @triton.jit
-def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.constexpr):
-    """Whether the chunk's gate range allows the anchored matmul, its anchor row G_m and the anchored operands
-    q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT (q and k themselves where it does not)."""
-    G_mid, anchored = _anchor(G, offs_c, valid, C)
+def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.constexpr, AXIS: tl.constexpr):
+    """Whether the chunk's gate range allows the anchored matmul, its anchor G_m and the anchored operands
+    q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT (q and k themselves where it does not); positions along AXIS."""
+    G_mid, anchored = _anchor(G, offs_c, valid, C, AXIS)
     if anchored:
-        q_mid = (q * _exp(G - G_mid[None, :])).to(OPERAND_DT)
-        k_mid = (k * _exp(G_mid[None, :] - G)).to(OPERAND_DT)
+        q_mid = (q * _exp(G - _per_channel(G_mid, AXIS))).to(OPERAND_DT)
+        k_mid = (k * _exp(_per_channel(G_mid, AXIS) - G)).to(OPERAND_DT)
     else:
         q_mid = q.to(OPERAND_DT)
         k_mid = k.to(OPERAND_DT)
@@ -189,8 +232,8 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
     dq = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
     for s in range(C):
-        k_s = _row_of(k, offs_c, s)
-        G_s = _row_of(G, offs_c, s)
+        k_s = _position(k, offs_c, s, 0)
+        G_s = _position(G, offs_c, s, 0)
         decay = _exp(tl.minimum(G - G_s[None, :], 0.0))
         dA_s = tl.sum(tl.where(offs_c[None, :] == s, dA, 0.0), axis=1)
         dq += dA_s[:, None] * k_s[None, :] * decay
@@ -291,7 +334,8 @@ def _fwd_states_kernel(
                          i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
+        f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
+        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
         k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
         v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
                       other=0.0)
@@ -313,7 +357,7 @@ def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.
                 C: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr,
                 REVERSE: tl.constexpr):
     """What a chunk-parallel kernel's program owns: chunk i_t of sequence i_n, head i_h, the whole K. Its
-    sequence's chunk-state offset and length, the chunk's rows and masks, the causal mask, b and 1 - b."""
+    sequence's first row, chunk-state offset and length, the chunk's rows and masks, the causal mask, b and 1 - b."""
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
     length = eos - bos
     offs_c = tl.arange(0, C)
@@ -323,7 +367,7 @@ def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.
     mask_ck = valid[:, None] & mask_k[None, :]
     causal = offs_c[:, None] >= offs_c[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-    return state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
+    return bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
 
 
 @triton.jit
@@ -352,12 +396,13 @@ def _fwd_output_kernel(
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
-    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+    _, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     DT = q.dtype.element_ty
-    _, k, _, _, G, _ = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    anchored, _, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, WIDE_DT)
+    _, k, _, _, G, _ = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b, mask_ck,
+                                   offs_c, C, 0)
+    q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
+    anchored, _, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, WIDE_DT, 0)
     A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_decayed = q_t * _exp(G) * scale
@@ -380,12 +425,14 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_dh_kernel(
-    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, cu_seqlens,
+    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, f_by_time, cu_seqlens,
     state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
+    """Also copies f into `f_by_time` (see `_by_time`; the first V block of each K block writes it): the grads
+    kernel reads the gate time-contiguous, and this walk reads every chunk of f anyway."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -403,8 +450,11 @@ def _bwd_dh_kernel(
                          mask_k, i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
-        _, _, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
+        f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
+        tl.store(_by_time(f_by_time, i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN), tl.trans(f_t),
+                 mask=tl.trans(mask_ck) & (i_v == 0))
+        _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
+        q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
         do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
@@ -474,50 +524,60 @@ def _segment_carry_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    q, f, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
-    stride_q, stride_f, stride_v, scale, T,
+    q, f_by_time, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
+    stride_q, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr,
 ):
+    """Every per-channel tile is held [K, C], and the gate comes from the dh kernel's time-contiguous copy of f, so
+    that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
+    this kernel's instructions) then need no shared memory. 2.67 -> 2.22 ms at the record shape (kernels/NOTES.md)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
-    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+    bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     chunk = state_off - i_n + i_t
     DT = q.dtype.element_ty
+    mask_kc = tl.trans(mask_ck)
+    f_kc = _by_time(f_by_time, i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN)
+    q_kc = q + rows[None, :] * stride_q + i_h * K + offs_k[:, None]
 
     # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
     # the anchored operands across the V loop; otherwise only what the loop needs (A, k_end) is held, and the
-    # gate and q are read again after it and recomputed in two steps. Recomputing is 55% slower at bf16 on the
-    # H100 (kernels/NOTES.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
+    # gate and q are read again after it and recomputed. Recomputing is 55% slower at bf16 on the H100
+    # (kernels/NOTES.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
     # spills): 16-bit inputs hold, float32 recomputes.
-    g, k, sig, sig_neg, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b,
-                                                K, C)
-    q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0).to(tl.float32)
-    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
-    A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
+    g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc,
+                                                offs_c, C, 1)
+    q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
+    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT, 1)
+    if anchored:
+        A = tl.dot(tl.trans(q_mid), k_mid, input_precision=PRECISION)
+    else:
+        A = _scores_exact(tl.trans(q_t), tl.trans(k), tl.trans(G), offs_c, C, BK)
     A = tl.where(causal, A * scale, 0.0).to(DT)
-    k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+    k_end = (k * _exp(G_last[:, None] - G)).to(WIDE_DT)
 
-    dq_inter = tl.zeros([C, BK], dtype=tl.float32)
-    dk_state = tl.zeros([C, BK], dtype=tl.float32)
+    dq_inter = tl.zeros([BK, C], dtype=tl.float32)
+    dk_state = tl.zeros([BK, C], dtype=tl.float32)
     dA = tl.zeros([C, C], dtype=tl.float32)
     dh_dot_h = tl.zeros([BK], dtype=tl.float32)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
     dstate_at_end = dstates + (chunk * H + i_h) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
-        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
-        do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
+        do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         dh_end = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         dA += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
-        dq_inter += tl.dot(do_t.to(WIDE_DT), tl.trans(h_start), input_precision=PRECISION)
-        dk_state += tl.dot(v_t.to(WIDE_DT), tl.trans(dh_end), input_precision=PRECISION)
-        dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(k_end, dh_end, input_precision=PRECISION)
+        dq_inter += tl.dot(h_start, tl.trans(do_t.to(WIDE_DT)), input_precision=PRECISION)
+        dk_state += tl.dot(dh_end, tl.trans(v_t.to(WIDE_DT)), input_precision=PRECISION)
+        dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(tl.trans(k_end), dh_end,
+                                                                              input_precision=PRECISION)
         tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
         dh_dot_h += tl.sum(h_start.to(tl.float32) * dh_end.to(tl.float32), axis=1)
 
@@ -528,43 +588,42 @@ def _bwd_kernel(
     dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1) * scale
     dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
     if not HOLD_GATE:
-        _, k, _, _, G, G_last = _chunk_gate(f, rows, mask_ck, stride_f, i_h, offs_k, offs_c, b, one_minus_b, K, C)
-        q_t = tl.load(q + rows[:, None] * stride_q + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-        q_t = q_t.to(tl.float32)
-        anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT)
+        _, k, _, _, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc, offs_c,
+                                            C, 1)
+        q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
+        anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT, 1)
     dq_t = dq_inter * _exp(G) * scale
-    dk_state = dk_state * _exp(G_last[None, :] - G)
+    dk_state = dk_state * _exp(G_last[:, None] - G)
     if anchored:
-        dq_t += _exp(G - G_mid[None, :]) * tl.dot(dA.to(ANCHORED_DT), k_mid, input_precision=PRECISION)
-        dk_intra = _exp(G_mid[None, :] - G) * tl.dot(tl.trans(dA.to(ANCHORED_DT)), q_mid,
-                                                        input_precision=PRECISION)
+        dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
+        dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)
     else:
-        dq_intra, dk_intra = _intra_grads_exact(q_t, k, G, dA, offs_c, C, BK)
-        dq_t += dq_intra
-    tl.store(dq + (rows[:, None] * H + i_h) * K + offs_k[None, :],
-             (dq_t + dA_diag[:, None] * k).to(dq.dtype.element_ty),
-             mask=mask_ck)
-    dk_t = dk_intra + dk_state + dA_diag[:, None] * q_t
+        dq_intra, dk_intra_ck = _intra_grads_exact(tl.trans(q_t), tl.trans(k), tl.trans(G), dA, offs_c, C, BK)
+        dq_t += tl.trans(dq_intra)
+        dk_intra = tl.trans(dk_intra_ck)
+    channel_rows = (rows[None, :] * H + i_h) * K + offs_k[:, None]
+    tl.store(dq + channel_rows, (dq_t + dA_diag[None, :] * k).to(dq.dtype.element_ty), mask=mask_kc)
+    dk_t = dk_intra + dk_state + dA_diag[None, :] * q_t
 
     # Gate: dg_j = sum over (query, key) pairs whose decay spans step j. Within the chunk that is the
     # reverse cumulative sum of q dq - k dk; the chunk end acts as one more query (the state S_C), whose
-    # key-side pairs are the earlier rows. Its pair with the last row carries no decay: left out too.
-    last_row = tl.minimum(length - i_t * C, C) - 1
-    k_dk_state = tl.where(mask_ck & (offs_c < last_row)[:, None], k * dk_state, 0.0)
-    state_term = _exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=0)
-    dG = tl.where(mask_ck, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
-    dg = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + state_term[None, :]
+    # key-side pairs are the earlier positions. Its pair with the last position carries no decay: left out too.
+    last_position = tl.minimum(length - i_t * C, C) - 1
+    k_dk_state = tl.where(mask_kc & (offs_c < last_position)[None, :], k * dk_state, 0.0)
+    state_term = _exp(G_last) * dh_dot_h + tl.sum(k_dk_state, axis=1)
+    dG = tl.where(mask_kc, q_t * dq_t - k * dk_intra, 0.0) - k_dk_state
+    dg = tl.sum(dG, axis=1)[:, None] - tl.cumsum(dG, axis=1) + dG + state_term[:, None]
     # lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f): d lambda / df = -dk / df = (1 - b) sigmoid(f)
     # sigmoid(-f) and d lambda / db = -dk / db = sigmoid(-f), with d log(lambda) / d lambda = exp(-g). Through f
     # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
     # a bound even where lambda underflows.
     if not HOLD_GATE:
-        f_t = tl.load(f + rows[:, None] * stride_f + i_h * K + offs_k[None, :], mask=mask_ck, other=0.0)
-        g, _, sig, sig_neg = _gate(f_t.to(tl.float32), b, one_minus_b, mask_ck)
+        g, _, sig, sig_neg = _gate(tl.load(f_kc, mask=mask_kc, other=0.0).to(tl.float32), b[:, None],
+                                   one_minus_b[:, None], mask_kc)
     inverse_lambda = _exp(-g)
-    share = tl.where((b == 0)[None, :], 1.0, one_minus_b[None, :] * sig * inverse_lambda)
-    df_t = sig_neg * (dg * share - dk_t * one_minus_b[None, :] * sig)
-    tl.store(df + (rows[:, None] * H + i_h) * K + offs_k[None, :], df_t.to(df.dtype.element_ty), mask=mask_ck)
+    share = tl.where((b == 0)[:, None], 1.0, one_minus_b[:, None] * sig * inverse_lambda)
+    df_t = sig_neg * (dg * share - dk_t * one_minus_b[:, None] * sig)
+    tl.store(df + channel_rows, df_t.to(df.dtype.element_ty), mask=mask_kc)
     if HAS_BOUND:
         db_t = sig_neg * (dg * inverse_lambda - dk_t)
-        tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_ck, db_t, 0.0), axis=0), mask=mask_k)
+        tl.store(db + (chunk * H + i_h) * K + offs_k, tl.sum(tl.where(mask_kc, db_t, 0.0), axis=1), mask=mask_k)

@@ -109,6 +109,8 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
         torch.bfloat16, 128, cu_seqlens=torch.tensor([0, 37, 200], dtype=torch.int32), reverse=True),
     "fp16 K128 few heads": scan_training_step(torch.float16, 128),
     "fp32 K256 few heads": scan_training_step(torch.float32, 256),
+    "fp16 K256 few heads": scan_training_step(torch.float16, 256),
+    "bf16 K256 few heads": scan_training_step(torch.bfloat16, 256),
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
