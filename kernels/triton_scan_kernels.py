@@ -12,8 +12,9 @@ one fully parallel over them:
   outputs   one program per (chunk, head), all chunks in parallel: o = scale (q exp(G)) S + (A masked) v
             with A = (q . k exp(G_t - G_s)) and S the stored state at the chunk's start.
   dh        one program per (sequence, head, K block, V block) walks the chunks backwards and stores
-            the gradient of the state at each chunk end: dS <- exp(G_C) dS + scale (q exp(G))^T do.
-  grads     one program per (chunk, head), all chunks in parallel: dq, dk, dv, the gate gradient
+            the gradient of the state at each chunk end: dS <- exp(G_C) dS + scale (q exp(G))^T do,
+            and leaves a time-contiguous copy of f for the grads pass.
+  grads     one program per (chunk, head), all chunks in parallel, its tiles held [K, C]: dq, dk, dv, the gate gradient
             dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
 With few (sequence, head) walks the two sequential passes cut each walk into segments run at once, joined
@@ -532,7 +533,7 @@ def _bwd_kernel(
 ):
     """Every per-channel tile is held [K, C], and the gate comes from the dh kernel's time-contiguous copy of f, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
-    this kernel's instructions) then need no shared memory. 2.67 -> 2.22 ms at the record shape (kernels/NOTES.md)."""
+    this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape (NOTES.md, v4)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
