@@ -96,6 +96,11 @@ def test_lower_bounds_start_unbounded_and_rise_with_depth():
         backbone.lower_bound_logits.normal_(0, 3.0)
     bounds = torch.stack(backbone.lower_bounds()[1:])
     assert (bounds.diff(dim=0) >= 0).all() and (bounds > 0).all() and (bounds < 1).all()
+    # The scans skip their bound check on the strength of this: [0, 1) even where the softmax saturates.
+    with torch.no_grad():
+        backbone.lower_bound_logits.copy_(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)) * 200)
+    bounds = torch.stack(backbone.lower_bounds()[1:])
+    assert (bounds >= 0).all() and (bounds < 1).all() and (bounds == 0).any() and (bounds > 0.999).any()
     unbounded = HGRN2(HGRN2Config(d_model=16, n_layers=3, expand_ratio=4, use_lower_bound=False))
     assert unbounded.lower_bounds() == [None] * 3
 
@@ -201,17 +206,17 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_dropout_and_gr
 def test_scan_options_reach_every_scan(monkeypatch):
     """LanguageModel(recompute_scan_states=True, scan_backend="chunked"): each layer's scan call asks for both
     (the kernel-level effect of recomputation, no states kept and the same gradients, is tested in
-    tests/kernels)."""
+    tests/kernels), and none checks its bound (which would wait on the GPU; the bounds' range is tested above)."""
     asked = []
 
     def recording_scan(*args, **kwargs):
-        asked.append((kwargs["recompute_states"], kwargs["backend"]))
+        asked.append((kwargs["recompute_states"], kwargs["backend"], kwargs["check_bound"]))
         return hgrn2_scan(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "hgrn2_scan", recording_scan)
     module = LanguageModel(HGRN2Config(**TINY), vocab_size=50, recompute_scan_states=True, scan_backend="chunked")
     module.model(torch.randint(0, 50, (2, 9)))
-    assert asked == [(True, "chunked")] * TINY["n_layers"]
+    assert asked == [(True, "chunked", False)] * TINY["n_layers"]
     assert "scan_backend" not in module.hparams
 
 
