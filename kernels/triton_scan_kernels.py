@@ -338,8 +338,7 @@ def _fwd_states_kernel(
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
         _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
         k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
-        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
-                      other=0.0)
+        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
     if last == n_chunks:
@@ -415,7 +414,7 @@ def _fwd_output_kernel(
         seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
-        v_t = tl.load(v + rows[:, None] * stride_v + i_h * V + offs_v[None, :], mask=mask_cv, other=0.0).to(DT)
+        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
         if SEEDED:
@@ -456,8 +455,7 @@ def _bwd_dh_kernel(
                  mask=tl.trans(mask_ck) & (i_v == 0))
         _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
-        do_t = tl.load(do + (rows[:, None] * H + i_h) * V + offs_v[None, :],
-                       mask=valid[:, None] & mask_v[None, :], other=0.0)
+        do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
         dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
@@ -619,8 +617,8 @@ def _bwd_kernel(
     # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
     # a bound even where lambda underflows.
     if not HOLD_GATE:
-        g, _, sig, sig_neg = _gate(tl.load(f_kc, mask=mask_kc, other=0.0).to(tl.float32), b[:, None],
-                                   one_minus_b[:, None], mask_kc)
+        g, _, sig, sig_neg = _gate(tl.load(f_kc, mask=mask_kc, other=0.0).to(tl.float32), _per_channel(b, 1),
+                                   _per_channel(one_minus_b, 1), mask_kc)
     inverse_lambda = _exp(-g)
     share = tl.where((b == 0)[:, None], 1.0, one_minus_b[:, None] * sig * inverse_lambda)
     df_t = sig_neg * (dg * share - dk_t * one_minus_b[:, None] * sig)
