@@ -12,7 +12,7 @@ import torch
 
 import kernels.triton_scan as triton_scan
 from kernels import hgrn2_scan
-from tests.helpers import relative_error
+from tests.helpers import fla_kernels_untuned, relative_error
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -292,8 +292,9 @@ def test_gpu_float16_with_gates_near_0():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-def test_gpu_kernels_agree_with_fla():
+def test_gpu_kernels_agree_with_fla(monkeypatch):
     fla_gla = pytest.importorskip("fla.ops.gla")
+    fla_kernels_untuned(monkeypatch)
     B, T, H, K = 2, 1000, 4, 128
     q, f, i = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     b = torch.rand(H, K, device="cuda") * 0.9

@@ -38,7 +38,7 @@ from hgrn2_lightning.interop import (
 )
 from hgrn2_lightning.lm import LanguageModel
 from hgrn2_lightning.model import HGRN2Config
-from tests.helpers import relative_error
+from tests.helpers import fla_kernels_untuned, relative_error
 
 GPU = torch.cuda.is_available()
 VOCAB = 257  # the byte tokenizer's, so the folders work with tokenizer "bytes"
@@ -277,6 +277,18 @@ def test_fine_tuning_a_different_model_is_refused_with_the_differences(tmp_path)
         InitFromPretrained(str(checkpoint)).setup(None, other, "fit")
 
 
+def test_the_gpu_tests_run_each_fla_kernel_with_one_launch_configuration(monkeypatch):
+    """fla's autotuning (minutes) kept its GPU tests from finishing in a device command; `fla_kernels_untuned`
+    leaves each kernel one configuration, and must still find them under fla's decorators."""
+    import fla.ops.gla.chunk as fla_chunk
+
+    assert fla_kernels_untuned(monkeypatch) > 10
+    kernel = fla_chunk.chunk_gla_fwd_A_kernel_intra_sub_inter
+    while not hasattr(kernel, "configs"):
+        kernel = kernel.fn
+    assert len(kernel.configs) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -286,6 +298,7 @@ def test_gpu_logits_equal_fla_as_it_is(tmp_path, monkeypatch, dtype, T):
     # Triton takes float32 dots in TF32 unless told otherwise (ours ask for IEEE): a 1e-3 error of its own,
     # so fla's kernels, compiled in this test, are asked for IEEE float32 too.
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    fla_kernels_untuned(monkeypatch)
     model = fla_model(on_cpu=False, hidden_size=256, expand_ratio=64, num_hidden_layers=4)
     ours = language_model_from_fla(save_fla(model, tmp_path / "fla"), tokenizer="bytes").model
     model, ours = model.to("cuda", dtype), ours.to("cuda", dtype).eval()
