@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -29,6 +30,9 @@ import torch
 from hgrn2_lightning.generate import Generator
 from hgrn2_lightning.lm import CausalLM
 from hgrn2_lightning.model import HGRN2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fla_tuning  # noqa: E402  (benchmarks/ is not a package)
 
 START = time.perf_counter()
 
@@ -197,6 +201,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, without fla: checks the script")
     parser.add_argument("--no-fla", action="store_true", help="skip fla's HGRN2 (its kernels compile for minutes)")
     parser.add_argument("--no-llama", action="store_true", help="skip the HF Llama baseline")
+    parser.add_argument("--fla-tuning", default="benchmarks/fla-tuning",
+                        help="fla's autotuning results, reused and kept (benchmarks/fla_tuning.py)")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
     device = "cpu" if args.smoke else "cuda"
@@ -216,6 +222,8 @@ def main() -> None:
     for label, build, skip in baselines:
         if skip:
             continue
+        if label == "fla_hgrn2":
+            fla_tuning.seed(args.fla_tuning)
         try:
             baseline = build(sizes, device, dtype)
         except ImportError as error:
@@ -228,6 +236,8 @@ def main() -> None:
         except Exception as error:  # a baseline broken by a version mismatch must not cost the other rows
             result["errors"][label] = f"{type(error).__name__}: {error}"
             log(f"{label} failed: {result['errors'][label]}")
+        if label == "fla_hgrn2":
+            fla_tuning.keep(args.fla_tuning)
         save()
         del baseline
         if device == "cuda":

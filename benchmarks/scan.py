@@ -15,6 +15,7 @@ LRA's small heads (K = V = 1, 4 and 8 at the ListOps shape) against their bandwi
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -26,6 +27,9 @@ from triton.testing import do_bench
 
 import kernels.triton_scan as triton_scan
 from kernels import hgrn2_scan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fla_tuning  # noqa: E402  (benchmarks/ is not a package)
 
 H, D = 16, 128
 START = time.perf_counter()
@@ -207,6 +211,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes per shape)")
+    parser.add_argument("--fla-tuning", default="benchmarks/fla-tuning",
+                        help="fla's autotuning results, reused and kept (benchmarks/fla_tuning.py)")
     args = parser.parse_args()
     try:
         from fla.ops.gla import chunk_gla
@@ -214,6 +220,8 @@ def main() -> None:
         chunk_gla = None
         print("fla is not installed: its columns stay empty (make wheels, then carry .wheels)")
     chunk_gla = None if args.no_fla else chunk_gla
+    if chunk_gla is not None:
+        fla_tuning.seed(args.fla_tuning)
 
     device = torch.cuda.get_device_name()
     errors = correctness()
@@ -228,6 +236,8 @@ def main() -> None:
         row["ours_fwdbwd_bandwidth_fraction"] = traffic["fwdbwd"] / (row["ours_fwdbwd_ms"] * 1e-3) / bandwidth
         row["ours_kernel_bandwidth_fractions"] = kernel_bandwidth_fractions(row, bandwidth)
         rows.append(row)
+        if chunk_gla is not None:
+            fla_tuning.keep(args.fla_tuning)
         log(str({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "ours_kernels_ms"}))
         for pass_, kernels in row["ours_kernels_ms"].items():
             log(f"T {T} {pass_} per kernel: " + ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in kernels.items()))

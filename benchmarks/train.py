@@ -39,8 +39,9 @@ import torch
 import triton
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import fla_tuning  # noqa: E402  (benchmarks/ is not a package)
 from datamodules.text import read_documents  # noqa: E402
 
 VOCAB = 32000
@@ -199,6 +200,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and data: checks the script runs")
+    parser.add_argument("--fla-tuning", default="benchmarks/fla-tuning",
+                        help="fla's autotuning results, reused and kept (benchmarks/fla_tuning.py)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -240,7 +243,11 @@ def main() -> None:
         write()
     seq_len, batch = (64, 2) if args.smoke else (int(x) for x in args.baseline_shape.split("x"))
     for name in args.baselines:
+        if name == "fla":
+            fla_tuning.seed(args.fla_tuning)
         result["baselines"].append(run_baseline(name, seq_len, batch, args.steps, args.smoke, args.baseline_weights))
+        if name == "fla":
+            fla_tuning.keep(args.fla_tuning)
         write()
     result["loss_agreement"] = loss_agreement(result["ours"])
     write()
