@@ -9,7 +9,8 @@ configuration it chose then without timing the others (it still compiles the one
 the cache's files back, this run's new ones too: call it after each fla contender, so that a run cut short keeps
 what it tuned. Run on the GPU with a folder under $OUT, and commit what comes back:
 
-    cp -r benchmarks/fla-tuning $OUT/ && python benchmarks/scan.py --fla-tuning $OUT/fla-tuning ...
+    mkdir -p benchmarks/fla-tuning && cp -r benchmarks/fla-tuning $OUT/ && \
+        python benchmarks/scan.py --fla-tuning $OUT/fla-tuning ...
 """
 
 import shutil
