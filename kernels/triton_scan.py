@@ -361,17 +361,18 @@ def scan_bwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite")
+        q_by_time = _empty(B, H, K, T, dtype=q.dtype, device=q.device)
         f_by_time = _empty(B, H, K, T, dtype=f.dtype, device=q.device)
         _bwd_dh_kernel[walks.grid](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
-            *walks.kernel_args(), f_by_time, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale,
-            T, walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None, WRITE_DH0=want_dh0,
-            SEGMENTED=walks.segmented, **walks.tiles, **common,
+            *walks.kernel_args(), q_by_time, f_by_time, layout.cu_seqlens, layout.state_offsets, q.stride(1),
+            f.stride(1), scale, T, walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None,
+            WRITE_DH0=want_dh0, SEGMENTED=walks.segmented, **walks.tiles, **common,
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         _bwd_kernel[(layout.n_chunks, H)](
-            q, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens,
-            layout.state_offsets, layout.chunk_table, q.stride(1), v.stride(1), scale, T,
+            q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens,
+            layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
             **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32, **common,
         )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()

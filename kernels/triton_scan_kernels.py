@@ -13,7 +13,7 @@ one fully parallel over them:
             with A = (q . k exp(G_t - G_s)) and S the stored state at the chunk's start.
   dh        one program per (sequence, head, K block, V block) walks the chunks backwards and stores
             the gradient of the state at each chunk end: dS <- exp(G_C) dS + scale (q exp(G))^T do,
-            and leaves a time-contiguous copy of f for the grads pass.
+            and leaves time-contiguous copies of q and f for the grads pass.
   grads     one program per (chunk, head), all chunks in parallel, its tiles held [K, C]: dq, dk, dv, the gate gradient
             dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
@@ -158,9 +158,9 @@ def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
 
 
 @triton.jit
-def _by_time(x, i_n, bos, i_t, offs_c, i_h, offs_k, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+def _by_time(i_n, bos, i_t, offs_c, i_h, offs_k, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
              IS_VARLEN: tl.constexpr):
-    """Pointers of the [K, C] tile of chunk i_t, head i_h in a [B, H, K, T] copy of a [B, T, H, K] tensor whose time
+    """Offsets of the [K, C] tile of chunk i_t, head i_h in a [B, H, K, T] copy of a [B, T, H, K] tensor whose time
     axis runs in scan order (backwards in a reverse scan), so that a chunk's positions are contiguous in either
     direction. A packed batch is one sequence (B = 1); its sequence i_n starts at bos."""
     if IS_VARLEN:
@@ -169,7 +169,7 @@ def _by_time(x, i_n, bos, i_t, offs_c, i_h, offs_k, T, H: tl.constexpr, K: tl.co
     else:
         batch = i_n.to(tl.int64)
         start = 0
-    return x + ((batch * H + i_h) * K + offs_k[:, None]) * T + (start + i_t * C + offs_c)[None, :]
+    return ((batch * H + i_h) * K + offs_k[:, None]) * T + (start + i_t * C + offs_c)[None, :]
 
 
 @triton.jit
@@ -425,14 +425,15 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_dh_kernel(
-    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, f_by_time, cu_seqlens,
+    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, q_by_time, f_by_time,
+    cu_seqlens,
     state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
-    """Also copies f into `f_by_time` (see `_by_time`; the first V block of each K block writes it): the grads
-    kernel reads the gate time-contiguous, and this walk reads every chunk of f anyway."""
+    """Also copies q and f into `q_by_time`, `f_by_time` (see `_by_time`; the first V block of each K block writes
+    them): the grads kernel reads them time-contiguous, and this walk reads every chunk of both anyway."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -451,10 +452,12 @@ def _bwd_dh_kernel(
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
-        tl.store(_by_time(f_by_time, i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN), tl.trans(f_t),
-                 mask=tl.trans(mask_ck) & (i_v == 0))
-        _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
+        if i_v == 0:  # one V block writes the copies; the others skip their transposes too
+            by_time = _by_time(i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN)
+            tl.store(f_by_time + by_time, tl.trans(f_t), mask=tl.trans(mask_ck))
+            tl.store(q_by_time + by_time, tl.trans(q_t), mask=tl.trans(mask_ck))
+        _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
         do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
         dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
@@ -523,15 +526,16 @@ def _segment_carry_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    q, f_by_time, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
-    stride_q, stride_v, scale, T,
+    q_by_time, f_by_time, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
+    stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr,
 ):
-    """Every per-channel tile is held [K, C], and the gate comes from the dh kernel's time-contiguous copy of f, so
+    """Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
-    this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape (NOTES.md, v4)."""
+    this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape with the copy of f
+    (NOTES.md, v4), 1.91 with q's too (v4.1)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
@@ -539,10 +543,10 @@ def _bwd_kernel(
     bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     chunk = state_off - i_n + i_t
-    DT = q.dtype.element_ty
+    DT = q_by_time.dtype.element_ty
     mask_kc = tl.trans(mask_ck)
-    f_kc = _by_time(f_by_time, i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN)
-    q_kc = q + rows[None, :] * stride_q + i_h * K + offs_k[:, None]
+    by_time = _by_time(i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN)
+    f_kc, q_kc = f_by_time + by_time, q_by_time + by_time
 
     # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
     # the anchored operands across the V loop; otherwise only what the loop needs (A, k_end) is held, and the
