@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_scan import _empty, _row_stride
+from kernels.triton_scan import _cdiv, _empty, _next_power_of_2, _row_stride
 from kernels.triton_scan_kernels import _bound, _exp, _gate
 
 
@@ -62,13 +62,13 @@ def decode_step(
     B, T, H, K = q.shape
     V = i.shape[-1]
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    BK = triton.next_power_of_2(K)
+    BK = _next_power_of_2(K)
     # V blocks of 32 give B * H * 4 programs at V = 128: enough to cover the SMs already at B * H = 128,
     # and a [128, 32] fp32 tile is 32 registers a thread with four warps.
-    BV = min(32, triton.next_power_of_2(V))
+    BV = min(32, _next_power_of_2(V))
     bound = q.new_empty(0) if lower_bound is None else lower_bound.float().contiguous()
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        _decode_kernel[(B * H, triton.cdiv(V, BV))](
+        _decode_kernel[(B * H, _cdiv(V, BV))](
             q, f, i, bound, state, o, q.stride(1), f.stride(1), i.stride(1), scale, T,
             H=H, K=K, V=V, BK=BK, BV=BV, HAS_BOUND=lower_bound is not None,
             num_warps=4 if BK * BV >= 2048 else 1,

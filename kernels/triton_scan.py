@@ -9,7 +9,6 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -26,14 +25,24 @@ POISON_OUTPUTS = False
 """Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b). triton.cdiv and triton.next_power_of_2 are constexpr functions, a few microseconds a call on
+    the host; a scan's launch code needs some thirty of them, and a ViT step runs 48 scan ops."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def _state_programs(K: int, V: int, tiles: dict, walks: int) -> int:
     """Grid of the sequential kernels: one program per state tile of every (sequence, head) walk (or segment)."""
-    return triton.cdiv(K, tiles["BK"]) * triton.cdiv(V, tiles["BV"]) * walks
+    return _cdiv(K, tiles["BK"]) * _cdiv(V, tiles["BV"]) * walks
 
 
 def _wide_tile_programs(walks: int, K: int, V: int) -> int:
     """Programs of a sequential kernel over `walks` (sequence, head) walks with 64 x 64 state tiles."""
-    return walks * triton.cdiv(K, 64) * triton.cdiv(V, 64)
+    return walks * _cdiv(K, 64) * _cdiv(V, 64)
 
 
 MIN_SEGMENT_CHUNKS = 2
@@ -56,7 +65,7 @@ def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | 
     programs = _wide_tile_programs(walks, K, V)
     if programs > (_sm_count(device) // 2 if carry == "rewrite" else _sm_count(device)):
         return 1
-    return max(1, min(triton.cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
+    return max(1, min(_cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
 
 
 def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool, device: torch.device | None,
@@ -64,15 +73,15 @@ def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool, 
     """How many segments each walk is cut into and how many chunks each segment walks (`_segments`; none left
     empty, packed sequences walked whole)."""
     n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device, carry)
-    segment_chunks = triton.cdiv(n_chunks, n_segments)
-    return triton.cdiv(n_chunks, segment_chunks), segment_chunks
+    segment_chunks = _cdiv(n_chunks, n_segments)
+    return _cdiv(n_chunks, segment_chunks), segment_chunks
 
 
 def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | None, device: torch.device) -> int:
     """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
     if cu_seqlens is not None:
         return 0
-    n_segments, _ = _segment_layout(triton.cdiv(T, CHUNK), B * H, K, V, False, device, "seeds")
+    n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device, "seeds")
     return B * H * n_segments if n_segments > 1 else 0
 
 
@@ -87,7 +96,7 @@ class _Walks:
                  device: torch.device, carry: str):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
-        self.n_segments, segment_chunks = _segment_layout(triton.cdiv(T, CHUNK), walks, K, V, layout.is_varlen,
+        self.n_segments, segment_chunks = _segment_layout(_cdiv(T, CHUNK), walks, K, V, layout.is_varlen,
                                                           device, carry)
         self.carries_seeds = carry == "seeds"
         self.seeded = carry == "seeded" and self.n_segments > 1
@@ -123,7 +132,7 @@ class _Walks:
 
 def _block(n: int) -> int:
     """Tile width for a head dim: a power of two, at least 16 (the matmul minimum)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, _next_power_of_2(n))
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
@@ -187,7 +196,7 @@ class _Layout:
         self.is_varlen = cu_seqlens is not None
         if not self.is_varlen:
             self.n_sequences = B
-            n_chunks = triton.cdiv(T, CHUNK)
+            n_chunks = _cdiv(T, CHUNK)
             self.n_states, self.n_chunks = B * (n_chunks + 1), B * n_chunks
             self.cu_seqlens = self.state_offsets = self.chunk_table = torch.empty(0, dtype=torch.int32, device=device)
             return
