@@ -4,11 +4,14 @@ Images per second of whole training steps (forward, backward, fused AdamW) at 22
 autocast, channels-last, on the same random images for every model: hgrn2_vit_tiny and hgrn2_vit_small
 built from their configs (configs/imagenet/*.yaml, as a user trains them), hgrn2_vit_tiny with 16 px
 patches (DeiT's 196 tokens rather than 256), and timm's deit_tiny_patch16_224 and deit_small_patch16_224
-(timm's fused attention). Writes benchmarks/results/vision-<gpu>[-compiled].json.
+(timm's fused attention). Writes benchmarks/results/vision-<gpu>[-compiled[-MODE]].json.
 
-    python benchmarks/vision.py [--batch 256] [--steps 30] [--compile] [--out benchmarks/results]
+    python benchmarks/vision.py [--batch 256] [--steps 30] [--compile [MODE]] [--out benchmarks/results]
     python benchmarks/vision.py --smoke     # CPU, tiny images, a few steps: checks the script runs
     python benchmarks/vision.py --compile --profile hgrn2_vit_tiny   # also where its step's GPU time goes
+
+`--compile reduce-overhead` replays each step's kernels from CUDA graphs: a step of these small models launches
+hundreds of kernels, and the host may take longer to launch them than the GPU to run them.
 """
 
 import argparse
@@ -66,7 +69,7 @@ def contenders(smoke: bool) -> dict:
     }
 
 
-def measure(model: torch.nn.Module, image_size: int, batch: int, warmup: int, steps: int, compile: bool,
+def measure(model: torch.nn.Module, image_size: int, batch: int, warmup: int, steps: int, compile: str | None,
             profile: bool = False) -> dict:
     """Images/s of training steps after `warmup` untimed ones, and the peak memory of the run; with `profile`, then
     the GPU time per step of each kernel (printed)."""
@@ -75,13 +78,14 @@ def measure(model: torch.nn.Module, image_size: int, batch: int, warmup: int, st
     model = model.to(device, memory_format=torch.channels_last).train()
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=cuda or None)
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model, mode=None if compile == "default" else compile) if compile else model
     generator = torch.Generator(device).manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, device=device, generator=generator)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=generator)
 
     def train_step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free to be overwritten
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = F.cross_entropy(step_model(images), labels)
         loss.backward()
@@ -112,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model (both sides)")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile every model (both sides), in this torch.compile mode")
     parser.add_argument("--profile", choices=list(contenders(smoke=False)), help="print where this model's step goes")
     parser.add_argument("--only", choices=list(contenders(smoke=False)), nargs="+", help="measure these models only")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.smoke or args.only):  # the results file holds the whole comparison
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        compiled = "-compiled" if args.compile else ""
+        compiled = "" if not args.compile else "-compiled" + ("" if args.compile == "default" else f"-{args.compile}")
         path = out / f"vision-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}{compiled}.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
