@@ -34,7 +34,9 @@ test-gpu:
 	$(GPU_ENV) python3 -m pytest -q -m gpu
 
 # Every single-GPU benchmark, each writing its results under benchmarks/results. fla's autotuning takes minutes
-# per shape, so the whole run takes over half an hour: where commands are time-limited, run them one by one.
+# per shape: the scan's is kept in benchmarks/fla-tuning, but fla's model in the training and generation baselines
+# still tunes on first use, so the whole run takes over half an hour: where commands are time-limited, run them
+# one by one.
 bench:
 	$(GPU_ENV) python3 benchmarks/scan.py && python3 benchmarks/generate.py && \
 		python3 benchmarks/train.py --run "1gpu=" --baselines llama fla && python3 benchmarks/step_profile.py && \
