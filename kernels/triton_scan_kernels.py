@@ -535,7 +535,7 @@ def _bwd_kernel(
     """Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
     this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape with the copy of f
-    (NOTES.md, v4), 1.91 with q's too (v4.1)."""
+    (NOTES.md, v4), 1.91 with the copy of q too (NOTES.md, fifth and sixth sessions)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
