@@ -189,6 +189,15 @@ def _row_stride(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _state_slots(B: int, T: int, cu_seqlens: Tensor | None) -> int:
+    """Rows of the chunk-state buffer: every chunk's start and each sequence's end. For packed sequences an upper
+    bound from shapes alone (sum ceil(L / C) <= T / C + N), so nothing waits on the GPU."""
+    if cu_seqlens is None:
+        return B * (_cdiv(T, CHUNK) + 1)
+    n_sequences = cu_seqlens.shape[0] - 1
+    return T // CHUNK + 2 * n_sequences
+
+
 class _Layout:
     """Where each sequence's chunks and chunk states live: arithmetic for equal lengths, tables for packed."""
 
@@ -197,7 +206,7 @@ class _Layout:
         if not self.is_varlen:
             self.n_sequences = B
             n_chunks = _cdiv(T, CHUNK)
-            self.n_states, self.n_chunks = B * (n_chunks + 1), B * n_chunks
+            self.n_states, self.n_chunks = _state_slots(B, T, None), B * n_chunks
             self.cu_seqlens = self.state_offsets = self.chunk_table = torch.empty(0, dtype=torch.int32, device=device)
             return
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
@@ -205,7 +214,7 @@ class _Layout:
         self.n_sequences = N
         # Upper bounds known from shapes alone, so nothing waits on the GPU: sum ceil(L / C) <= T / C + N.
         self.n_chunks = T // CHUNK + N
-        self.n_states = self.n_chunks + N
+        self.n_states = _state_slots(B, T, cu_seqlens)
         chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + CHUNK - 1) // CHUNK
         chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
         self.state_offsets = (chunk_offsets + torch.arange(N + 1, device=device)).to(torch.int32)
@@ -307,7 +316,7 @@ def scan_fwd(
 @scan_fwd.register_fake
 def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state):
     B, T, H, K = q.shape
-    layout_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
+    layout_states = _state_slots(B, T, cu_seqlens)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
     n_seeds = 0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device)
@@ -342,7 +351,7 @@ def scan_states(
 @scan_states.register_fake
 def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
     B, T, H, K = q.shape
-    n_states = (T // CHUNK + 2 * (cu_seqlens.shape[0] - 1)) if cu_seqlens is not None else B * (-(-T // CHUNK) + 1)
+    n_states = _state_slots(B, T, cu_seqlens)
     return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q))
 
 

@@ -90,6 +90,14 @@ INTERPRETER_CASES = {
 }
 
 
+def test_launch_arithmetic_equals_tritons():
+    """The launch code's plain-Python ceil division and next power of two (triton's are slow on the host)."""
+    import triton
+
+    assert all(triton_scan._cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 130))
+    assert all(triton_scan._next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+
+
 @pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=list(INTERPRETER_CASES))
 def test_interpreted_kernels_match_the_oracle(case):
