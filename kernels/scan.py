@@ -1,6 +1,6 @@
 """The public HGRN2 scan and decode step: input checks, then dispatch to a backend by device."""
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -44,13 +44,15 @@ def hgrn2_scan(
             the backward, which rebuilds them with one more pass over f and i. Less memory, a little more
             time; the PyTorch backends keep what autograd keeps.
         backend: "auto" picks Triton on CUDA and the chunked PyTorch form elsewhere.
-        check_bound: check that lower_bound lies in [0, 1). On a GPU that reads device memory, so the host
-            waits for the GPU at every call; pass False where the bound is in range by construction.
+        check_bound: check that lower_bound lies in [0, 1). On a GPU the verdict is read after the scan's
+            kernels are queued, so the host waits only for the work queued before them (not for the scan);
+            pass False where the bound is in range by construction.
 
     Returns:
         o [B, T, H, V] in the dtype of q, and the final state or None.
     """
-    _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens, check_values=check_bound)
+    _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens)
+    bound_verdict = _bound_range_verdict(lower_bound) if check_bound and lower_bound is not None else None
     H, K = q.shape[2:]
     if lower_bound is not None:
         lower_bound = lower_bound.reshape(H, K)
@@ -67,6 +69,8 @@ def hgrn2_scan(
         o, state = _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_seqlens, reverse)
     else:
         raise ValueError(f"unknown scan backend {backend!r}: use 'auto', 'triton', 'chunked' or 'naive'")
+    if bound_verdict is not None:
+        bound_verdict()
     return o, (state if output_final_state else None)
 
 
@@ -88,7 +92,7 @@ def hgrn2_step(
     if state.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the decode state must be float32 (or float64), got {state.dtype}")
     # Shapes only: a value check would wait on the GPU at every token (and cannot run in a CUDA graph).
-    _check_scan_inputs(q, f, i, lower_bound, state, None, check_values=False)
+    _check_scan_inputs(q, f, i, lower_bound, state, None)
     H, K = q.shape[2:]
     if lower_bound is not None:
         lower_bound = lower_bound.reshape(H, K)
@@ -128,7 +132,7 @@ def _reference_scan(recurrence, q, f, i, lower_bound, scale, initial_state, cu_s
     return torch.cat(outputs, 1).to(q.dtype), state.to(torch.promote_types(state.dtype, torch.float32))
 
 
-def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens, check_values: bool = True) -> None:
+def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens) -> None:
     """Fail with a message that says what is wrong; a silent wrong answer is the worst outcome."""
     for name, x in (("q", q), ("f", f), ("i", i)):
         if x.dim() != 4:
@@ -150,12 +154,6 @@ def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens, check_va
             )
         if lower_bound.device != q.device:
             raise ValueError(f"lower_bound is on {lower_bound.device} but q is on {q.device}")
-        # NaN is let through, as in q, f and i: a diverged model should fail at its loss, with advice.
-        if check_values and _may_sync() and bool(((lower_bound < 0) | (lower_bound >= 1)).any()):
-            raise ValueError(
-                f"lower_bound must lie in [0, 1) (it is a forget-gate floor), got values in "
-                f"[{lower_bound.min().item():.4g}, {lower_bound.max().item():.4g}]"
-            )
     n_states = B
     if cu_seqlens is not None:
         if B != 1:
@@ -174,6 +172,36 @@ def _check_scan_inputs(q, f, i, lower_bound, initial_state, cu_seqlens, check_va
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+
+
+def _bound_range_verdict(lower_bound: Tensor) -> Callable[[], None]:
+    """Starts reading lower_bound's extremes and returns what raises if they leave [0, 1). Called before the
+    scan's kernels are queued and the result after, so on a GPU the host waits for the small copy only, while
+    the scan runs. Waiting up front left the GPU idle while the host launched the scan: the forward at the record
+    shape took 1.28 / 1.59 ms with it at T 2K / 16K, 1.11 / 1.45 now, 1.10 / 1.43 unchecked (H100). An
+    out-of-range bound cannot make the kernels read out of bounds, only compute nonsense, which the
+    error then discards. NaN passes, as in q, f and i: a diverged model should fail at its loss, with advice.
+    Skipped where reading device memory is not allowed (compile, graph capture)."""
+    if not _may_sync():
+        return lambda: None
+    extremes = torch.stack(torch.aminmax(lower_bound.detach().float()))
+    if extremes.is_cuda:
+        extremes = extremes.to("cpu", non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+    else:
+        copied = None
+
+    def raise_if_out_of_range() -> None:
+        if copied is not None:
+            copied.synchronize()
+        low, high = extremes.tolist()
+        if low < 0 or high >= 1:
+            raise ValueError(
+                f"lower_bound must lie in [0, 1) (it is a forget-gate floor), got values in [{low:.4g}, {high:.4g}]"
+            )
+
+    return raise_if_out_of_range
 
 
 def _may_sync() -> bool:

@@ -248,6 +248,18 @@ def test_forward_without_grad_keeps_no_states():
     assert_close_to_oracle(errors, torch.float32)
 
 
+def test_a_lower_bound_out_of_range_fails_clearly():
+    """The range check's verdict is read after the kernels are queued (on a GPU the host does not wait for the
+    scan), and still raises, naming the values found."""
+    q, f, i = (torch.randn(1, 40, 2, 16, device=DEVICE) for _ in range(3))
+    hgrn2_scan(q, f, i, torch.rand(2, 16, device=DEVICE) * 0.9, backend="triton")
+    for low, high in ((-0.25, 0.5), (0.0, 1.0)):
+        bound = torch.full((2, 16), 0.5, device=DEVICE)
+        bound[0, 0], bound[1, 3] = low, high
+        with pytest.raises(ValueError, match=rf"lower_bound must lie in \[0, 1\).*\[{low:.4g}, {high:.4g}\]"):
+            hgrn2_scan(q, f, i, bound, backend="triton")
+
+
 def test_custom_op_compiles_without_graph_break():
     """torch.compile(fullgraph=True) fails on any graph break; the scan is one opaque custom op."""
     def step(q, f, i, b):
