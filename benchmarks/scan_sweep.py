@@ -38,9 +38,13 @@ def _grid(**axes) -> list[dict]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
+# The walks' V blocks each compute the gate of their K block again: a wider V block computes it for more of the
+# state, but leaves fewer programs to hide each chunk step's latency.
+WALK_CANDIDATES = (_grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2])
+                   + _grid(BK=[32, 64, 128], BV=[128], num_warps=[4, 8], num_stages=[2]))
 CANDIDATES = {
-    "states": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
-    "dh": _grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2]),
+    "states": WALK_CANDIDATES,
+    "dh": WALK_CANDIDATES,
     # maxnreg caps registers per thread so that more programs share an SM, at the price of spills: ptxas
     # (sm_90a) gives the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
     # Two 8-warp grads programs per SM need 128 registers and at most 113 KiB of shared memory each: at 3 stages

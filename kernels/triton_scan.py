@@ -144,9 +144,12 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
     the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/NOTES.md, "v3.1 on the H100"):
-    - states and dh run one program per (walk, K block, V block): a 64 x 64 tile and 2 warps while that gives
-      at least 2 programs per SM (T 2K, B 16), a 32-wide K block and 4 warps below it (T 16K, B 2), where
-      otherwise most SMs wait.
+    - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
+      computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/NOTES.md, seventh
+      session: at the record shape states 0.54 -> 0.40 ms, dh 0.65 -> 0.56 at T 2K against 64 x 64 tiles). A
+      64-wide K block while the 64 x 64 tiles would give at least 2 programs per SM (T 2K, B 16), a 32-wide one
+      below it (T 16K, B 2: states 1.14 -> 1.03, dh 1.12 -> 1.08), where otherwise most SMs wait. 64-wide
+      heads keep 64 x 64 tiles of 2 warps there (the ViT's), and 32 x 64 ones of 4 below.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). No
@@ -155,10 +158,11 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       KiB at 64)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
+    walk_BV = min(128, _block(V))
     if kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
-        tiles = dict(BK=min(64, BK), BV=BV, num_warps=2, num_stages=2)
+        tiles = dict(BK=min(64, BK), BV=walk_BV, num_warps=4 if walk_BV >= 128 else 2, num_stages=2)
     elif kernel in ("states", "dh"):
-        tiles = dict(BK=min(32, BK), BV=BV, num_warps=4, num_stages=2)
+        tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=2)
     elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
         tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
     elif kernel == "output":
