@@ -49,30 +49,28 @@ MIN_SEGMENT_CHUNKS = 2
 """A segment walks at least this many chunks: a walk of one chunk gains nothing from being cut."""
 
 
-def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | None, carry: str) -> int:
+def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | None) -> int:
     """Into how many segments each walk of the sequential kernels is cut. A walk is a chain of dependent chunk
     steps, so with few walks (long sequences, small batches: T 16K x 2) most SMs would wait: then each walk is
-    cut into segments run at once from a zero state, and `_segment_carry_kernel` sums what the earlier segments
-    carry in. How `carry` (see `_Walks`) hands that on sets when cutting pays:
-    - "rewrite" adds it to every chunk state, reading and writing them once more (0.32 ms at the record shape,
-      about what a walk over them costs): only where the walks leave most SMs idle, fewer 64 x 64 tile programs
-      than half the SMs (H100: the 370M LM at T 16K x 2, 64 programs, trains 12% faster; the record shape at
-      T 16K, 128, and 8K, 256, ran slower cut).
-    - "seeds" stores one tile per segment, nearly free: wherever the walks leave SMs idle, at most one program
-      per SM ("seeded" walks must cut as the seeds were cut). The LM at T 8K x 4, 128 programs: 3% faster cut.
-    Then enough segments for 8 programs per SM (the LM at T 16K: 3% faster than 4). Equal lengths only:
-    packed sequences are walked whole."""
+    cut into segments run at once from a zero state, and `_segment_carry_kernel` hands on what the earlier
+    segments carry in (`_Walks`). Cutting pays where the walks leave SMs idle, at most one 64 x 64 tile program per
+    SM, whichever the carry (H100, record shape):
+    - rewriting every chunk state (about 0.35 ms a walk) pays at T 16K, 128 programs: f+b 4.60 -> 4.40 ms (it did
+      not before the walks' 128-wide V blocks), and not at T 8K, 256 programs: 3.76 -> 4.24.
+    - seeds, nearly free: the 370M LM at T 8K x 4, 128 programs, trains 3% faster cut.
+    Then enough segments for 8 programs per SM (the LM at T 16K: 3% faster than 4). Equal lengths only: packed
+    sequences are walked whole."""
     programs = _wide_tile_programs(walks, K, V)
-    if programs > (_sm_count(device) // 2 if carry == "rewrite" else _sm_count(device)):
+    if programs > _sm_count(device):
         return 1
     return max(1, min(_cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
 
 
-def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool, device: torch.device | None,
-                    carry: str) -> tuple[int, int]:
+def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
+                    device: torch.device | None) -> tuple[int, int]:
     """How many segments each walk is cut into and how many chunks each segment walks (`_segments`; none left
     empty, packed sequences walked whole)."""
-    n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device, carry)
+    n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device)
     segment_chunks = _cdiv(n_chunks, n_segments)
     return _cdiv(n_chunks, segment_chunks), segment_chunks
 
@@ -81,7 +79,7 @@ def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | Non
     """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
     if cu_seqlens is not None:
         return 0
-    n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device, "seeds")
+    n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
     return B * H * n_segments if n_segments > 1 else 0
 
 
@@ -96,8 +94,7 @@ class _Walks:
                  device: torch.device, carry: str):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
-        self.n_segments, segment_chunks = _segment_layout(_cdiv(T, CHUNK), walks, K, V, layout.is_varlen,
-                                                          device, carry)
+        self.n_segments, segment_chunks = _segment_layout(_cdiv(T, CHUNK), walks, K, V, layout.is_varlen, device)
         self.carries_seeds = carry == "seeds"
         self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded

@@ -114,16 +114,17 @@ def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
 
 
 def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
-    """The sequential kernels cut each walk into segments when the walks alone leave SMs idle. T 16K x 2 with 8
-    heads of 128 gives 64 programs on the H100's 132 SMs, so 17 segments. 128 programs (16 heads at T 16K x 2,
-    8 at T 8K x 4) are cut only where the carry pass stores seeds rather than rewriting every chunk state;
-    T 2K x 16 is walked whole. Cut walks (here 5 segments of 2 chunks, both directions, initial state, final
-    state) match the float64 loop, with the chunk states kept for the backward (the carry pass fixes them) or
-    recomputed there (the forward's output kernel adds the seeds, and the recomputation starts from them)."""
-    for carry, record_16k in (("rewrite", 1), ("seeds", 9)):
-        assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None, carry=carry) == 17
-        assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None, carry=carry) == record_16k
-        assert triton_scan._segments(n_chunks=64, walks=128, K=128, V=128, device=None, carry=carry) == 1
+    """The sequential kernels cut each walk into segments when the walks alone leave SMs idle, at most one 64 x 64
+    tile program per SM. T 16K x 2 with 8 heads of 128 gives 64 programs on the H100's 132 SMs, so 17 segments
+    (8 programs per SM); 16 heads (the record shape), 128 programs and 9 segments. T 8K x 4 with 16 heads (256
+    programs) and T 2K x 16 are walked whole. Cut walks (here 5 segments of 2 chunks, both directions, initial
+    state, final state) match the float64 loop, with the chunk states kept for the backward (the carry pass fixes
+    them) or recomputed there (the forward's output kernel adds the seeds, and the recomputation starts from
+    them)."""
+    assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 17
+    assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 9
+    assert triton_scan._segments(n_chunks=256, walks=64, K=128, V=128, device=None) == 1
+    assert triton_scan._segments(n_chunks=64, walks=256, K=128, V=128, device=None) == 1
     walks = []
     original = triton_scan._Walks.__init__
 
