@@ -144,9 +144,10 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/NOTES.md, seventh
       session: at the record shape states 0.54 -> 0.40 ms, dh 0.65 -> 0.56 at T 2K against 64 x 64 tiles). A
-      64-wide K block while the 64 x 64 tiles would give at least 2 programs per SM (T 2K, B 16), a 32-wide one
-      below it (T 16K, B 2: states 1.14 -> 1.03, dh 1.12 -> 1.08), where otherwise most SMs wait. 64-wide
-      heads keep 64 x 64 tiles of 2 warps there (the ViT's), and 32 x 64 ones of 4 below.
+      64-wide K block while the 64 x 64 tiles would give at least 2 programs per SM (T 2K, B 16; and cut walks,
+      `_segments`), a 32-wide one below it (T 8K, B 4; measured on the whole walks of T 16K, B 2: states 1.14 ->
+      1.03, dh 1.12 -> 1.08), where otherwise most SMs wait. 64-wide heads keep 64 x 64 tiles of 2 warps there
+      (the ViT's), and 32 x 64 ones of 4 below.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). No
