@@ -188,7 +188,7 @@ def _bound_range_verdict(lower_bound: Tensor) -> Callable[[], None]:
     if extremes.is_cuda:
         extremes = extremes.to("cpu", non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(lower_bound.device))  # the copy's stream, whichever GPU is current
     else:
         copied = None
 
