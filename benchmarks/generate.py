@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -222,22 +223,19 @@ def main() -> None:
     for label, build, skip in baselines:
         if skip:
             continue
-        if label == "fla_hgrn2":
-            fla_tuning.seed(args.fla_tuning)
-        try:
-            baseline = build(sizes, device, dtype)
-        except ImportError as error:
-            log(f"{label}: not importable ({error}); its row stays empty")
-            continue
-        result["params_m"][label] = sum(p.numel() for p in baseline.parameters()) / 1e6
-        log(f"{label}: {result['params_m'][label]:.1f}M parameters")
-        try:
-            result["rows"][label] = measure(hf_generate(baseline, device), sizes, device, 2, long=False)
-        except Exception as error:  # a baseline broken by a version mismatch must not cost the other rows
-            result["errors"][label] = f"{type(error).__name__}: {error}"
-            log(f"{label} failed: {result['errors'][label]}")
-        if label == "fla_hgrn2":
-            fla_tuning.keep(args.fla_tuning)
+        with fla_tuning.reused(args.fla_tuning) if label == "fla_hgrn2" else nullcontext():
+            try:
+                baseline = build(sizes, device, dtype)
+            except ImportError as error:
+                log(f"{label}: not importable ({error}); its row stays empty")
+                continue
+            result["params_m"][label] = sum(p.numel() for p in baseline.parameters()) / 1e6
+            log(f"{label}: {result['params_m'][label]:.1f}M parameters")
+            try:
+                result["rows"][label] = measure(hf_generate(baseline, device), sizes, device, 2, long=False)
+            except Exception as error:  # a baseline broken by a version mismatch must not cost the other rows
+                result["errors"][label] = f"{type(error).__name__}: {error}"
+                log(f"{label} failed: {result['errors'][label]}")
         save()
         del baseline
         if device == "cuda":

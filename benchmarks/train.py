@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import date
 from pathlib import Path
 
@@ -243,11 +244,9 @@ def main() -> None:
         write()
     seq_len, batch = (64, 2) if args.smoke else (int(x) for x in args.baseline_shape.split("x"))
     for name in args.baselines:
-        if name == "fla":
-            fla_tuning.seed(args.fla_tuning)
-        result["baselines"].append(run_baseline(name, seq_len, batch, args.steps, args.smoke, args.baseline_weights))
-        if name == "fla":
-            fla_tuning.keep(args.fla_tuning)
+        with fla_tuning.reused(args.fla_tuning) if name == "fla" else nullcontext():
+            result["baselines"].append(run_baseline(name, seq_len, batch, args.steps, args.smoke,
+                                                    args.baseline_weights))
         write()
     result["loss_agreement"] = loss_agreement(result["ours"])
     write()

@@ -16,3 +16,16 @@ def test_kept_results_seed_the_cache_and_new_ones_are_kept(tmp_path, monkeypatch
     fla_tuning.keep(kept)
     assert sorted(path.relative_to(kept).as_posix() for path in kept.rglob("*") if path.is_file()) == [
         "a1/chunk_kernel.autotune.json", "b2/norm_kernel.autotune.json"]
+
+
+def test_results_are_kept_even_when_the_run_fails(tmp_path, monkeypatch):
+    cache, kept = tmp_path / "cache", tmp_path / "kept"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    try:
+        with fla_tuning.reused(kept):
+            (cache / "c3").mkdir(parents=True)
+            (cache / "c3" / "gla_kernel.autotune.json").write_text("{}")
+            raise RuntimeError("a baseline broken mid-run")
+    except RuntimeError:
+        pass
+    assert (kept / "c3" / "gla_kernel.autotune.json").exists()
