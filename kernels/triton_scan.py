@@ -19,6 +19,7 @@ from kernels.triton_scan_kernels import (
     _fwd_states_kernel,
     _segment_carry_kernel,
 )
+from kernels.triton_scan_small import _small_bwd_kernel, _small_fwd_kernel
 
 CHUNK = 32
 POISON_OUTPUTS = False
@@ -43,6 +44,22 @@ def _state_programs(K: int, V: int, tiles: dict, walks: int) -> int:
 def _wide_tile_programs(walks: int, K: int, V: int) -> int:
     """Programs of a sequential kernel over `walks` (sequence, head) walks with 64 x 64 state tiles."""
     return walks * _cdiv(K, 64) * _cdiv(V, 64)
+
+
+SMALL_HEAD = 8
+"""Heads whose K and V are both at most this take the small-head kernels (kernels/triton_scan_small.py)."""
+SMALL_HEAD_LANES = 64
+"""State entries (heads x K x V) per program of the small-head kernels: [C, lanes] tiles of 2048 values."""
+
+
+def _small_heads(K: int, V: int) -> bool:
+    return max(K, V) <= SMALL_HEAD
+
+
+def _small_head_tiles(H: int, K: int, V: int) -> dict:
+    """Padded K and V and the heads per program of the small-head kernels."""
+    KP, VP = _next_power_of_2(K), _next_power_of_2(V)
+    return dict(KP=KP, VP=VP, HB=min(_next_power_of_2(H), max(1, SMALL_HEAD_LANES // (KP * VP))), num_warps=4)
 
 
 MIN_SEGMENT_CHUNKS = 2
@@ -77,7 +94,7 @@ def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
 
 def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | None, device: torch.device) -> int:
     """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
-    if cu_seqlens is not None:
+    if cu_seqlens is not None or _small_heads(K, V):
         return 0
     n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
     return B * H * n_segments if n_segments > 1 else 0
@@ -290,6 +307,18 @@ def scan_fwd(
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
+    dummy = q.new_empty(0)
+    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
+    h0 = dummy if initial_state is None else initial_state.float().contiguous()
+    if _small_heads(K, V):  # keeps nothing for the backward, which walks the states again
+        with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+            _small_fwd_kernel[(N * _cdiv(H, _small_head_tiles(H, K, V)["HB"]),)](
+                q, f, v, bound, h0, o, final, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1),
+                v.stride(1), scale, T, H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None,
+                HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, IS_VARLEN=layout.is_varlen,
+                REVERSE=reverse, **_small_head_tiles(H, K, V),
+            )
+        return o, final, q.new_empty(0, H, K, V, dtype=_wide_dtype(q)), q.new_empty(0, K, V, dtype=_wide_dtype(q))
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q), device=q.device)
@@ -297,9 +326,6 @@ def scan_fwd(
     # seeds made the output kernel 44% slower (record shape, T 16K: 0.81 ms against 0.56; bfloat16 0.67).
     seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device), K, V,
                    dtype=states.dtype, device=q.device)
-    dummy = q.new_empty(0)
-    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
-    h0 = dummy if initial_state is None else initial_state.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         walks = _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None,
@@ -325,7 +351,7 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
-        q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q)),
+        q.new_empty(layout_states if save_states and not _small_heads(K, V) else 0, H, K, V, dtype=_wide_dtype(q)),
         q.new_empty(n_seeds, K, V, dtype=_wide_dtype(q)),
     )
 
@@ -359,21 +385,26 @@ def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
 
 @torch.library.custom_op("hgrn2::scan_bwd", mutates_args=())
 def scan_bwd(
-    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], states: Tensor, do: Tensor,
-    d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool, want_dh0: bool,
+    q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor,
+    do: Tensor, d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool, want_dh0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns dq, df, dv, d lower_bound ([H, K], empty without a bound) and d initial_state (or empty)."""
+    """Returns dq, df, dv, d lower_bound ([H, K], empty without a bound) and d initial_state (or empty). The chunked
+    kernels read the chunk states `states`; the small-head ones keep none and walk them again from the initial
+    state."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     do = do.contiguous()
     B, T, H, K = q.shape
     V = v.shape[-1]
     layout = _Layout(B, T, cu_seqlens, q.device)
     N = layout.n_sequences
-    dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q), device=q.device)
     dh0 = _empty(N if want_dh0 else 0, H, K, V, dtype=torch.float32, device=q.device)
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
     df = _empty(B, T, H, K, dtype=f.dtype, device=q.device)
     dv = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    if _small_heads(K, V):
+        return (dq, df, dv, *_small_scan_bwd(q, f, v, lower_bound, initial_state, do, d_final, layout, scale,
+                                              reverse, dq, df, dv, dh0))
+    dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q), device=q.device)
     db_chunks = torch.zeros(layout.n_chunks if lower_bound is not None else 0, H, K, dtype=torch.float32,
                             device=q.device)
     dummy = q.new_empty(0)
@@ -399,8 +430,29 @@ def scan_bwd(
     return dq, df, dv, db, dh0
 
 
+def _small_scan_bwd(q, f, v, lower_bound, initial_state, do, d_final, layout, scale, reverse, dq, df, dv, dh0):
+    """The small-head backward into dq, df, dv and dh0; returns d lower_bound and dh0."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = layout.n_sequences
+    dummy = q.new_empty(0)
+    db_sequences = _empty(N if lower_bound is not None else 0, H, K, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+        _small_bwd_kernel[(N * _cdiv(H, _small_head_tiles(H, K, V)["HB"]),)](
+            q, f, v, do, dummy if lower_bound is None else lower_bound.float().contiguous(),
+            dummy if initial_state is None else initial_state.float().contiguous(),
+            dummy if d_final is None else d_final.float().contiguous(),
+            _empty(layout.n_states, H, K, V, dtype=torch.float32, device=q.device), dq, df, dv, db_sequences, dh0,
+            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V,
+            C=CHUNK, HAS_BOUND=lower_bound is not None, HAS_H0=initial_state is not None,
+            HAS_DFINAL=d_final is not None,
+            WRITE_DH0=dh0.numel() > 0, IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(H, K, V),
+        )
+    return (db_sequences.sum(0) if lower_bound is not None else dummy.float()), dh0
+
+
 @scan_bwd.register_fake
-def _(q, f, v, lower_bound, states, do, d_final, cu_seqlens, scale, reverse, want_dh0):
+def _(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, scale, reverse, want_dh0):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
@@ -425,13 +477,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, d_final, d_states, d_seeds):
     q, f, v, lower_bound, initial_state, states, seeds, cu_seqlens = ctx.saved_tensors
-    if ctx.recompute_states:
+    if ctx.recompute_states and not _small_heads(q.shape[-1], v.shape[-1]):
         states = scan_states(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, ctx.reverse)
     d_final = d_final if ctx.output_final_state else None
     if do is None:  # only the final state was used (grads are not materialised, see _setup_context)
         do = torch.zeros_like(v)
-    dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, states, do, d_final, cu_seqlens, ctx.scale, ctx.reverse,
-                                   ctx.has_initial_state)
+    dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, ctx.scale,
+                                   ctx.reverse, ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
             dh0 if ctx.has_initial_state else None, None, None, None, None, None)
 

@@ -58,6 +58,14 @@ def _log(x):
 
 
 @triton.jit
+def _sigmoids(f):
+    """sigmoid(f) and sigmoid(-f), from one exponential and one reciprocal, neither overflowing."""
+    e = _exp(-tl.abs(f))
+    r = 1 / (1 + e)  # sigmoid(|f|)
+    return tl.where(f >= 0, r, e * r), tl.where(f >= 0, e * r, r)
+
+
+@triton.jit
 def _gate(f, b, one_minus_b, mask):
     """g = log(lambda) and k = 1 - lambda from fp32 logits f, with sigmoid(f) and sigmoid(-f) for the backward;
     zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f), b = 0 without a bound; b and
@@ -68,10 +76,7 @@ def _gate(f, b, one_minus_b, mask):
     sum of positive terms, never a difference, so g is right to about 1e-7 of its size. Where b is 0,
     lambda = sigmoid(f) underflows below f = -87; it is held at float32's smallest normal there, a decay
     to 0 within one step either way (the backward's chain rule does not go through lambda there)."""
-    e = _exp(-tl.abs(f))
-    r = 1 / (1 + e)  # sigmoid(|f|)
-    sig = tl.where(f >= 0, r, e * r)
-    sig_neg = tl.where(f >= 0, e * r, r)
+    sig, sig_neg = _sigmoids(f)
     k = one_minus_b * sig_neg
     g = _log(tl.maximum(b + one_minus_b * sig, FLOAT32_TINY))
     return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg

@@ -77,7 +77,7 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
         _, _, states, seeds = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True)
         if recompute:
             states = scan_states(q, f, v, bound, h0, seeds, cu_seqlens, reverse)
-        scan_bwd(q, f, v, bound, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0, reverse,
+        scan_bwd(q, f, v, bound, h0, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0, reverse,
                  True)
 
     return run
@@ -112,6 +112,7 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "fp16 K256 few heads": scan_training_step(torch.float16, 256),
     "bf16 K256 few heads": scan_training_step(torch.bfloat16, 256),
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
+    "fp32 K4 small heads": scan_training_step(torch.float32, 4, H=16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
     "decode bf16 K128": decode(torch.bfloat16, 128),
