@@ -48,8 +48,10 @@ def _wide_tile_programs(walks: int, K: int, V: int) -> int:
 
 SMALL_HEAD = 8
 """Heads whose K and V are both at most this take the small-head kernels (kernels/triton_scan_small.py)."""
-SMALL_HEAD_LANES = 64
-"""State entries (heads x K x V) per program of the small-head kernels: [C, lanes] tiles of 2048 values."""
+SMALL_HEAD_LANES = 16
+"""State entries (heads x K x V) per program of the small-head kernels, at least (a head's K x V when more), each
+warp holding 16 of them over the chunk's C steps: one warp per program where a head fits, so that the scans over
+time stay within the warp, and many programs to hide each chunk step's latency (an untimed choice)."""
 
 
 def _small_heads(K: int, V: int) -> bool:
@@ -59,7 +61,8 @@ def _small_heads(K: int, V: int) -> bool:
 def _small_head_tiles(H: int, K: int, V: int) -> dict:
     """Padded K and V and the heads per program of the small-head kernels."""
     KP, VP = _next_power_of_2(K), _next_power_of_2(V)
-    return dict(KP=KP, VP=VP, HB=min(_next_power_of_2(H), max(1, SMALL_HEAD_LANES // (KP * VP))), num_warps=4)
+    HB = min(_next_power_of_2(H), max(1, SMALL_HEAD_LANES // (KP * VP)))
+    return dict(KP=KP, VP=VP, HB=HB, num_warps=max(1, HB * KP * VP // 16))
 
 
 MIN_SEGMENT_CHUNKS = 2
