@@ -48,21 +48,19 @@ def _wide_tile_programs(walks: int, K: int, V: int) -> int:
 
 SMALL_HEAD = 8
 """Heads whose K and V are both at most this take the small-head kernels (kernels/triton_scan_small.py)."""
-SMALL_HEAD_LANES = 16
-"""State entries (heads x K x V) per program of the small-head kernels, at least (a head's K x V when more), each
-warp holding 16 of them over the chunk's C steps: one warp per program where a head fits, so that the scans over
-time stay within the warp, and many programs to hide each chunk step's latency (an untimed choice)."""
 
 
 def _small_heads(K: int, V: int) -> bool:
     return max(K, V) <= SMALL_HEAD
 
 
-def _small_head_tiles(H: int, K: int, V: int) -> dict:
-    """Padded K and V and the heads per program of the small-head kernels."""
+def _small_head_tiles(K: int, V: int) -> dict:
+    """Padded K and V of the small-head kernels, and a warp for every 32 state entries. One head per program: each
+    program walks a chain of dependent chunk steps, and more heads per program (fewer programs) or a head's V split
+    over several programs (more, each loading the head's q and f again) were both slower (kernels/NOTES.md, eighth
+    session)."""
     KP, VP = _next_power_of_2(K), _next_power_of_2(V)
-    HB = min(_next_power_of_2(H), max(1, SMALL_HEAD_LANES // (KP * VP)))
-    return dict(KP=KP, VP=VP, HB=HB, num_warps=max(1, HB * KP * VP // 16))
+    return dict(KP=KP, VP=VP, num_warps=max(1, KP * VP // 32))
 
 
 MIN_SEGMENT_CHUNKS = 2
@@ -315,11 +313,11 @@ def scan_fwd(
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     if _small_heads(K, V):  # keeps nothing for the backward, which walks the states again
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-            _small_fwd_kernel[(N * _cdiv(H, _small_head_tiles(H, K, V)["HB"]),)](
+            _small_fwd_kernel[(N * H,)](
                 q, f, v, bound, h0, o, final, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1),
                 v.stride(1), scale, T, H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None,
                 HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, IS_VARLEN=layout.is_varlen,
-                REVERSE=reverse, **_small_head_tiles(H, K, V),
+                REVERSE=reverse, **_small_head_tiles(K, V),
             )
         return o, final, q.new_empty(0, H, K, V, dtype=_wide_dtype(q)), q.new_empty(0, K, V, dtype=_wide_dtype(q))
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
@@ -441,15 +439,15 @@ def _small_scan_bwd(q, f, v, lower_bound, initial_state, do, d_final, layout, sc
     dummy = q.new_empty(0)
     db_sequences = _empty(N if lower_bound is not None else 0, H, K, dtype=torch.float32, device=q.device)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        _small_bwd_kernel[(N * _cdiv(H, _small_head_tiles(H, K, V)["HB"]),)](
+        _small_bwd_kernel[(N * H,)](
             q, f, v, do, dummy if lower_bound is None else lower_bound.float().contiguous(),
             dummy if initial_state is None else initial_state.float().contiguous(),
             dummy if d_final is None else d_final.float().contiguous(),
             _empty(layout.n_states, H, K, V, dtype=torch.float32, device=q.device), dq, df, dv, db_sequences, dh0,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V,
             C=CHUNK, HAS_BOUND=lower_bound is not None, HAS_H0=initial_state is not None,
-            HAS_DFINAL=d_final is not None,
-            WRITE_DH0=dh0.numel() > 0, IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(H, K, V),
+            HAS_DFINAL=d_final is not None, WRITE_DH0=dh0.numel() > 0, IS_VARLEN=layout.is_varlen, REVERSE=reverse,
+            **_small_head_tiles(K, V),
         )
     return (db_sequences.sum(0) if lower_bound is not None else dummy.float()), dh0
 
