@@ -7,6 +7,7 @@ are random, shaped as the task's: ListOps 2048 token ids with lengths drawn in (
 gives sequences/s. If the config's batch does not fit, the batch is halved until it does (recorded).
 
     python benchmarks/lra.py [--tasks listops pathx] [--out benchmarks/results]
+    python benchmarks/lra.py --compile-blocks      the blocks compiled (model.compile_blocks): lra-<gpu>-compiled.json
     python benchmarks/lra.py --smoke      a tiny CPU run of the same code, to know the script works
 """
 
@@ -30,7 +31,7 @@ from hgrn2_lightning.optim import OptimConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(task: str, smoke: bool) -> tuple[SequenceClassifier, int, int, bool]:
+def build(task: str, smoke: bool, compile_blocks: bool = False) -> tuple[SequenceClassifier, int, int, bool]:
     """The config's model, batch size, sequence length, and whether it reads tokens (toy sizes with `smoke`)."""
     config = yaml.safe_load((ROOT / "configs" / "lra" / f"{task}.yaml").read_text())
     model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
@@ -50,6 +51,7 @@ def build(task: str, smoke: bool) -> tuple[SequenceClassifier, int, int, bool]:
         paired=data.paired,
         positional_encoding=model_args.get("positional_encoding", "none"),
         optim=OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args["optim"].items()}),
+        compile_blocks=compile_blocks,
     )
     return model, data.batch_size, length, data.vocab_size is not None
 
@@ -105,15 +107,15 @@ def time_steps(
     return train, median_seconds(eval_step, steps, warmup, device), peak
 
 
-def measure(task: str, steps: int, warmup: int, smoke: bool) -> dict:
+def measure(task: str, steps: int, warmup: int, smoke: bool, compile_blocks: bool = False) -> dict:
     device = "cpu" if smoke else "cuda"
-    module, config_batch, length, tokens = build(task, smoke)
+    module, config_batch, length, tokens = build(task, smoke, compile_blocks)
     batch = 2 if smoke else config_batch
     model = module.model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=module.optim.lr, betas=module.optim.betas)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not smoke)
     row = {"task": task, "config": f"configs/lra/{task}.yaml", "config_batch": config_batch, "seq_len": length,
-           "parameters": sum(p.numel() for p in model.parameters())}
+           "parameters": sum(p.numel() for p in model.parameters()), "compile_blocks": compile_blocks}
     while True:
         batch_data = random_batch(batch, length, tokens, module.hparams.vocab_size, device)
         try:
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--compile-blocks", action="store_true", help="compile each block (model.compile_blocks)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; prints, writes nothing")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -144,7 +147,7 @@ def main() -> None:
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     rows = []
     for task in args.tasks:
-        rows.append(measure(task, steps, warmup, args.smoke))
+        rows.append(measure(task, steps, warmup, args.smoke, args.compile_blocks))
         print(json.dumps(rows[-1]))
     if args.smoke:
         return
@@ -153,7 +156,7 @@ def main() -> None:
               "python": platform.python_version(), "precision": "bf16 autocast", "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = device.replace("NVIDIA ", "").split()[0].lower()
+    name = device.replace("NVIDIA ", "").split()[0].lower() + ("-compiled" if args.compile_blocks else "")
     (out / f"lra-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / f'lra-{name}.json'}")
 

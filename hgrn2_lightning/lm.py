@@ -101,8 +101,8 @@ class LanguageModel(TaskModule):
         for block in self.model.backbone.blocks:
             block.mixer.recompute_scan_states = recompute_scan_states
             block.mixer.scan_backend = scan_backend
-            if compile_blocks:
-                block.compile()
+        if compile_blocks:
+            self.model.backbone.compile_blocks()
 
     def forward(self, tokens: Tensor, states: list[Tensor] | None = None) -> Tensor:
         return self.model(tokens, states)

@@ -125,6 +125,7 @@ class SequenceClassifier(TaskModule):
         positional_encoding: Literal["none", "sinusoidal"] = "none",
         optim: OptimConfig = OptimConfig(),
         schedule_steps: int | None = None,
+        compile_blocks: bool = False,
     ):
         """
         Args:
@@ -138,6 +139,9 @@ class SequenceClassifier(TaskModule):
             optim: AdamW and learning-rate schedule.
             schedule_steps: length of the schedule in optimizer steps (the LRA recipes give one longer than
                 the run); None is the length of the run.
+            compile_blocks: compile each block with torch.compile (`HGRN2.compile_blocks`): the norms, gates,
+                activations and residual adds run fused around the scans. The first step waits for the
+                compilation. Not stored in the checkpoint's hyperparameters.
         """
         super().__init__()
         if not num_classes:
@@ -147,11 +151,13 @@ class SequenceClassifier(TaskModule):
             )
         if schedule_steps is not None and schedule_steps < 1:
             raise ValueError(f"model.schedule_steps must be positive or null, got {schedule_steps}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["compile_blocks"])
         self.backbone_config, self.optim, self.schedule_steps = backbone, optim, schedule_steps
         self.model = LRAModel(
             backbone, num_classes, vocab_size, input_channels, paired, positional_encoding == "sinusoidal"
         )
+        if compile_blocks:
+            self.model.encoder.backbone.compile_blocks()
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
         )

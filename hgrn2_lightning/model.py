@@ -79,10 +79,12 @@ class RMSNorm(nn.Module):
 
 
 class TokenBatchNorm(nn.Module):
-    """BatchNorm over the channels of [B, T, d] tokens (statistics over batch and time).
+    """BatchNorm over the channels of [B, T, d] tokens (statistics over batch and time), as BatchNorm1d of the
+    [B T, d] rows: no transposes, and the output keeps the input's layout (a transposed output made the compiled
+    blocks' next linear view a non-contiguous tensor).
 
     It holds a plain BatchNorm1d rather than being one: `--trainer.sync_batchnorm true` swaps every
-    BatchNorm module for a SyncBatchNorm, which would drop an overridden forward and its transpose.
+    BatchNorm module for a SyncBatchNorm, which would drop an overridden forward.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -90,7 +92,7 @@ class TokenBatchNorm(nn.Module):
         self.norm = nn.BatchNorm1d(dim, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
 def make_norm(config: HGRN2Config, dim: int | None = None) -> nn.Module:
@@ -243,6 +245,13 @@ class HGRN2(nn.Module):
         # Training memory, not architecture (so not in the config, which checkpoints compare): recompute each
         # block's activations in the backward instead of keeping them.
         self.checkpoint_blocks = False
+
+    def compile_blocks(self) -> None:
+        """Compile each block with torch.compile, fusing its norms, gates, activations and residual adds around the
+        scans, which stay custom ops (no graph break). Blocks that differ only in their weights share a graph; the
+        first step waits for the compilation."""
+        for block in self.blocks:
+            block.compile()
 
     def lower_bounds(self) -> list[Tensor | None]:
         """b_l = sum_{j<l} softmax(Gamma)_j per channel. Layer 0's bound is exactly 0: it gets None."""

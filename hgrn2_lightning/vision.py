@@ -167,8 +167,7 @@ class ImageClassifier(TaskModule):
         self.warmup_epochs, self.lr_reference_batch = warmup_epochs, lr_reference_batch
         self.model = PatchClassifier(backbone, num_classes, image_size, patch_size, in_channels)
         if compile_blocks:
-            for block in self.model.backbone.blocks:
-                block.compile()
+            self.model.backbone.compile_blocks()
         self.mixup = (
             Mixup(
                 mixup_alpha=mixup.mixup_alpha,

@@ -183,3 +183,27 @@ def test_2d_scans_must_match_the_data_grid():
         model.setup("fit")
     model.trainer = SimpleNamespace(datamodule=SimpleNamespace(grid=(4, 4)))
     model.setup("fit")
+
+
+def test_compiled_blocks_compute_the_same_as_eager(monkeypatch):
+    """compile_blocks: the same logits and gradients as eager, in training (batch statistics) on padded token
+    sequences, each block one graph with no break. Dynamo's graphs run through aot_eager: Inductor's C++ build
+    takes minutes on CI's two cores (tests/model/test_generate.py covers Inductor)."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
+    config = HGRN2Config(d_model=16, n_layers=2, expand_ratio=4, mlp_hidden=16, norm="batchnorm",
+                         direction="bidirectional")
+    torch.manual_seed(1)
+    tokens, lengths = torch.randint(1, VOCAB, (3, 24)), torch.tensor([24, 10, 17])
+    results = []
+    for compile_blocks in (False, True):
+        torch.manual_seed(0)
+        module = SequenceClassifier(config, num_classes=10, vocab_size=VOCAB, compile_blocks=compile_blocks)
+        torch._dynamo.utils.counters.clear()
+        logits = module(tokens, lengths)
+        results.append([logits, *torch.autograd.grad(logits.square().sum(), list(module.parameters()))])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert "compile_blocks" not in module.hparams
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
