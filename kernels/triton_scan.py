@@ -54,6 +54,11 @@ def _small_heads(K: int, V: int) -> bool:
     return max(K, V) <= SMALL_HEAD
 
 
+def _states_dtype(q: Tensor, K: int, V: int) -> torch.dtype:
+    """The chunk states' type: the small-head kernels' are float32 (16 values a chunk and head at K = V = 4)."""
+    return torch.float32 if _small_heads(K, V) else _wide_dtype(q)
+
+
 def _small_head_tiles(K: int, V: int) -> dict:
     """Padded K and V of the small-head kernels, and a warp for every 32 state entries. One head per program: each
     program walks a chain of dependent chunk steps, and more heads per program (fewer programs) or a head's V split
@@ -311,15 +316,16 @@ def scan_fwd(
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
-    if _small_heads(K, V):  # keeps nothing for the backward, which walks the states again
+    if _small_heads(K, V):  # no seeds: a backward without kept states walks them again itself
+        states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=torch.float32, device=q.device)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _small_fwd_kernel[(N * H,)](
-                q, f, v, bound, h0, o, final, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1),
-                v.stride(1), scale, T, H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None,
-                HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, IS_VARLEN=layout.is_varlen,
-                REVERSE=reverse, **_small_head_tiles(K, V),
+                q, f, v, bound, h0, o, final, states, layout.cu_seqlens, layout.state_offsets, q.stride(1),
+                f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None,
+                HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, STORE_STATES=save_states,
+                IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
-        return o, final, q.new_empty(0, H, K, V, dtype=_wide_dtype(q)), q.new_empty(0, K, V, dtype=_wide_dtype(q))
+        return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q))
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q), device=q.device)
@@ -352,7 +358,7 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
-        q.new_empty(layout_states if save_states and not _small_heads(K, V) else 0, H, K, V, dtype=_wide_dtype(q)),
+        q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_states_dtype(q, K, V)),
         q.new_empty(n_seeds, K, V, dtype=_wide_dtype(q)),
     )
 
@@ -389,9 +395,8 @@ def scan_bwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor,
     do: Tensor, d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool, want_dh0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns dq, df, dv, d lower_bound ([H, K], empty without a bound) and d initial_state (or empty). The chunked
-    kernels read the chunk states `states`; the small-head ones keep none and walk them again from the initial
-    state."""
+    """Returns dq, df, dv, d lower_bound ([H, K], empty without a bound) and d initial_state (or empty), from the
+    chunk states `states`; the small-head kernels walk them again themselves where `states` is empty."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     do = do.contiguous()
     B, T, H, K = q.shape
@@ -403,8 +408,8 @@ def scan_bwd(
     df = _empty(B, T, H, K, dtype=f.dtype, device=q.device)
     dv = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     if _small_heads(K, V):
-        return (dq, df, dv, *_small_scan_bwd(q, f, v, lower_bound, initial_state, do, d_final, layout, scale,
-                                              reverse, dq, df, dv, dh0))
+        return (dq, df, dv, *_small_scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, layout,
+                                              scale, reverse, dq, df, dv, dh0))
     dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q), device=q.device)
     db_chunks = torch.zeros(layout.n_chunks if lower_bound is not None else 0, H, K, dtype=torch.float32,
                             device=q.device)
@@ -431,8 +436,10 @@ def scan_bwd(
     return dq, df, dv, db, dh0
 
 
-def _small_scan_bwd(q, f, v, lower_bound, initial_state, do, d_final, layout, scale, reverse, dq, df, dv, dh0):
-    """The small-head backward into dq, df, dv and dh0; returns d lower_bound and dh0."""
+def _small_scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, layout, scale, reverse, dq, df, dv,
+                    dh0):
+    """The small-head backward into dq, df, dv and dh0; returns d lower_bound and dh0. Without the forward's
+    `states`, the kernel walks them again into scratch."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = layout.n_sequences
@@ -443,11 +450,12 @@ def _small_scan_bwd(q, f, v, lower_bound, initial_state, do, d_final, layout, sc
             q, f, v, do, dummy if lower_bound is None else lower_bound.float().contiguous(),
             dummy if initial_state is None else initial_state.float().contiguous(),
             dummy if d_final is None else d_final.float().contiguous(),
-            _empty(layout.n_states, H, K, V, dtype=torch.float32, device=q.device), dq, df, dv, db_sequences, dh0,
+            states if states.numel() else _empty(layout.n_states, H, K, V, dtype=torch.float32, device=q.device), dq,
+            df, dv, db_sequences, dh0,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V,
             C=CHUNK, HAS_BOUND=lower_bound is not None, HAS_H0=initial_state is not None,
-            HAS_DFINAL=d_final is not None, WRITE_DH0=dh0.numel() > 0, IS_VARLEN=layout.is_varlen, REVERSE=reverse,
-            **_small_head_tiles(K, V),
+            HAS_DFINAL=d_final is not None, WRITE_DH0=dh0.numel() > 0, STATES_KEPT=states.numel() > 0,
+            IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
         )
     return (db_sequences.sum(0) if lower_bound is not None else dummy.float()), dh0
 

@@ -4,7 +4,8 @@ kernels/triton_scan.py in place of the chunked kernels, whose 16-wide tiles woul
 Every entry S[k, v] of every head is its own scalar recurrence, S_t = lambda_t S_{t-1} + k_t i_t. One program
 walks the chunks of one sequence for one head, all steps of a chunk at once by an associative scan over time of
 the (lambda, k i) pairs, in [C, K, V] tiles; o = scale q S and the gradients are sums over K or V within the tile.
-The backward walks forward once to store each chunk's starting state, then backwards with the state's gradient
+The backward reads each chunk's starting state, kept by the forward (or walks forward once to store them: with
+recompute_states), then walks backwards with the state's gradient
 D_t = scale q_t do_t + lambda_{t+1} D_{t+1} (a reverse scan), from which dq = scale sum_v S_t do_t,
 dk = sum_v D_t i_t, di = sum_k D_t k_t and d lambda = sum_v D_t S_{t-1}.
 """
@@ -80,11 +81,13 @@ def _at(x, offs_c, position):
 
 @triton.jit
 def _small_fwd_kernel(
-    q, f, v, lower_bound, h0, o, final_state, cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, C: tl.constexpr,
-    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    REVERSE: tl.constexpr,
+    q, f, v, lower_bound, h0, o, final_state, states, cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, C: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
 ):
+    """With STORE_STATES, each chunk's starting state goes to `states` ([chunk states, H, K, V] float32, laid out
+    as the chunked kernels' chunk states) for the backward."""
     (i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, state_tile, b,
      one_minus_b) = _program(T, cu_seqlens, state_offsets, lower_bound, H, K, V, KP, VP, C, HAS_BOUND, IS_VARLEN)
     mask_kv = mask_k[:, None] & mask_v[None, :]
@@ -94,6 +97,8 @@ def _small_fwd_kernel(
     if HAS_H0:
         S += tl.load(h0 + i_n.to(tl.int64) * H * K * V + state_tile, mask=mask_kv, other=0.0)
     for i_t in range(0, tl.cdiv(length, C)):
+        if STORE_STATES:
+            tl.store(states + (state_off + i_t) * H * K * V + state_tile, S, mask=mask_kv)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         lam, k, sig, sig_neg, i = _steps(f, v, rows, valid, stride_f, stride_v, i_h, offs_k, offs_v, mask_k,
                                          mask_v, b, one_minus_b, K, V)
@@ -112,25 +117,27 @@ def _small_bwd_kernel(
     stride_f, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, C: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    STATES_KEPT: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """`states` ([chunk states, H, K, V] float32, as the chunked kernels lay them out) is scratch: this program's
-    first walk fills its sequence's rows with each chunk's starting state. db gets one [H, K] sum per sequence."""
+    """`states` ([chunk states, H, K, V] float32, as the chunked kernels lay them out) holds each chunk's starting
+    state: the forward's (STATES_KEPT), or scratch that this program's first walk fills. db gets one [H, K] sum per
+    sequence."""
     (i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, state_tile, b,
      one_minus_b) = _program(T, cu_seqlens, state_offsets, lower_bound, H, K, V, KP, VP, C, HAS_BOUND, IS_VARLEN)
     mask_kv = mask_k[:, None] & mask_v[None, :]
     length = eos - bos
     offs_c = tl.arange(0, C)
     n_chunks = tl.cdiv(length, C)
-    S = tl.zeros([KP, VP], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + i_n.to(tl.int64) * H * K * V + state_tile, mask=mask_kv, other=0.0)
-    for i_t in range(0, n_chunks):
-        tl.store(states + (state_off + i_t) * H * K * V + state_tile, S, mask=mask_kv)
-        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
-        lam, k, sig, sig_neg, i = _steps(f, v, rows, valid, stride_f, stride_v, i_h, offs_k, offs_v, mask_k,
-                                         mask_v, b, one_minus_b, K, V)
-        S = _at(_states(S, lam, k, i), offs_c, C - 1)
+    if not STATES_KEPT:
+        S = tl.zeros([KP, VP], dtype=tl.float32)
+        if HAS_H0:
+            S += tl.load(h0 + i_n.to(tl.int64) * H * K * V + state_tile, mask=mask_kv, other=0.0)
+        for i_t in range(0, n_chunks):
+            tl.store(states + (state_off + i_t) * H * K * V + state_tile, S, mask=mask_kv)
+            valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+            lam, k, sig, sig_neg, i = _steps(f, v, rows, valid, stride_f, stride_v, i_h, offs_k, offs_v, mask_k,
+                                             mask_v, b, one_minus_b, K, V)
+            S = _at(_states(S, lam, k, i), offs_c, C - 1)
 
     # carry: lambda_{t+1} D_{t+1} for the chunk's last row t (the final state's gradient after the last chunk)
     carry = tl.zeros([KP, VP], dtype=tl.float32)

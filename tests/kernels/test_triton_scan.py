@@ -83,9 +83,11 @@ INTERPRETER_CASES = {
     "wide gate range": dict(T=70, H=1, gate_scale=8.0),
     "packed sequences": dict(B=1, T=200, H=1, lengths=[5, 1, 64, 65, 65]),
     "packed sequences reverse": dict(B=1, T=140, H=1, lengths=[70, 3, 67], reverse=True),
-    "head dim 1": dict(T=70, H=3, K=1),  # this and the next four: the small-head kernels
+    "head dim 1": dict(T=70, H=3, K=1),  # this and the next five: the small-head kernels
     "head dim 4, value dim 8": dict(T=70, K=4, V=8),
     "small heads packed reverse": dict(B=1, T=140, H=2, K=4, lengths=[70, 3, 67], reverse=True),
+    "small heads packed, states walked again": dict(B=1, T=140, H=2, K=4, lengths=[70, 3, 67],
+                                                    recompute_states=True),
     "small heads, gates near 0": dict(T=100, H=1, K=4, gate_shift=-20.0, bounded=False),
     "small heads 3 x 5, non-contiguous": dict(T=40, K=3, V=5, transpose_inputs=True),
     "head dim 256": dict(T=40, B=1, H=1, K=256),  # the gradient kernel's narrower V blocks
