@@ -317,7 +317,8 @@ def scan_fwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     if _small_heads(K, V):  # no seeds: a backward without kept states walks them again itself
-        states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=torch.float32, device=q.device)
+        states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_states_dtype(q, K, V),
+                        device=q.device)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _small_fwd_kernel[(N * H,)](
                 q, f, v, bound, h0, o, final, states, layout.cu_seqlens, layout.state_offsets, q.stride(1),
