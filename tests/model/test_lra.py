@@ -1,7 +1,10 @@
 """The LRA models: padding never reaches the result, retrieval features, pixel inputs, and a ListOps run
 through the CLI end to end."""
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +210,13 @@ def test_compiled_blocks_compute_the_same_as_eager(monkeypatch):
     assert "compile_blocks" not in module.hparams
     for compiled, eager in zip(results[1], results[0]):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_lra_benchmark_runs_its_cpu_smoke_path():
+    """benchmarks/lra.py --smoke: both tasks' models built from their configs, trained and evaluated at toy sizes."""
+    result = subprocess.run([sys.executable, "benchmarks/lra.py", "--smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["task"] for row in rows] == ["listops", "pathx"]
+    assert all(row["train_seqs_per_s"] > 0 and row["eval_seqs_per_s"] > 0 for row in rows)
