@@ -197,15 +197,12 @@ def test_training_benchmark_runs_its_cpu_smoke_path(tmp_path):
 
 @pytest.mark.parametrize("option", ["chunked_loss", "compile_blocks", "activation_checkpointing",
                                     "recompute_scan_states"])
-def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option, monkeypatch):
+def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option, compile_through_aot_eager):
     """model.chunked_loss, compile_blocks, activation_checkpointing and recompute_scan_states change how the
     step is computed, not what is learned (nor the checkpoint's parameter names). With dropout: a recomputed
     block draws the same dropout masks as its forward did. (On the CPU the scan is PyTorch's, for which
     recompute_scan_states changes nothing; tests/kernels covers it with the Triton kernels.) Compiled blocks
-    run Dynamo's graphs through aot_eager: Inductor's C++ build of them took six minutes on CI's two cores
-    with empty caches, and the GPU's Inductor emits Triton, not C++."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
+    run through aot_eager (`compile_through_aot_eager`)."""
     runs = {}
     dropout = 0.1 if option == "activation_checkpointing" else 0.0
     for enabled in (False, True):

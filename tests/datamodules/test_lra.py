@@ -434,12 +434,10 @@ PAPER_CONFIGS = ["listops", "imdb", "aan", "cifar", "pathfinder", "pathx"]
 
 
 @pytest.mark.parametrize("task", PAPER_CONFIGS)
-def test_paper_config_runs_two_steps_on_fixtures(task, fixture_roots, tmp_path, monkeypatch):
+def test_paper_config_runs_two_steps_on_fixtures(task, fixture_roots, tmp_path, compile_through_aot_eager):
     """Each paper config, shrunk, trains two steps through the CLI on fixtures in the release's format. The
-    configs compile their blocks: through aot_eager here, as Inductor's C++ build would take minutes on CI's
-    cores (its Triton build runs on the GPU: benchmarks/lra.py --compile-blocks)."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
+    configs compile their blocks, here through aot_eager (`compile_through_aot_eager`; Inductor's Triton build
+    runs on the GPU: benchmarks/lra.py --compile-blocks)."""
     config = yaml.safe_load((ROOT / f"configs/lra/{task}.yaml").read_text())
     run = tmp_path / "run"
     config["trainer"].update(

@@ -188,13 +188,9 @@ def test_2d_scans_must_match_the_data_grid():
     model.setup("fit")
 
 
-def test_compiled_blocks_compute_the_same_as_eager(monkeypatch):
+def test_compiled_blocks_compute_the_same_as_eager(compile_through_aot_eager):
     """compile_blocks: the same logits and gradients as eager, in training (batch statistics) on padded token
-    sequences, each block one graph with no break. Dynamo's graphs run through aot_eager: Inductor's C++ build
-    takes minutes on CI's two cores (tests/model/test_generate.py covers Inductor)."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
-    torch._dynamo.reset()  # other tests' compiled blocks would count against the recompile limit
+    sequences, each block one graph with no break (through aot_eager: `compile_through_aot_eager`)."""
     config = HGRN2Config(d_model=16, n_layers=2, expand_ratio=4, mlp_hidden=16, norm="batchnorm",
                          direction="bidirectional")
     torch.manual_seed(1)

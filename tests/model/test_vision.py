@@ -265,13 +265,10 @@ def test_benchmark_script_runs_its_cpu_smoke_path(capsys):
     assert all(row["images_per_s"] > 0 for row in results["models"])
 
 
-def test_compiled_blocks_compute_the_same_and_share_one_graph_across_drop_path_rates(monkeypatch):
+def test_compiled_blocks_compute_the_same_and_share_one_graph_across_drop_path_rates(compile_through_aot_eager):
     """compile_blocks: the same outputs and gradients as eager (drop path off), and with drop path on, the
-    blocks of different rates share one graph (the first block, whose rate is 0, has its own), with no break.
-    Dynamo's graphs run through aot_eager here: Inductor's C++ build of them takes minutes on CI's two cores
-    (the compiled decode step's test, tests/model/test_generate.py, covers Inductor)."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
+    blocks of different rates share one graph (the first block, whose rate is 0, has its own), with no break
+    (through aot_eager: `compile_through_aot_eager`)."""
     images = torch.randn(4, 3, 16, 16)
     results = []
     for compile_blocks in (False, True):
