@@ -54,11 +54,6 @@ def _small_heads(K: int, V: int) -> bool:
     return max(K, V) <= SMALL_HEAD
 
 
-def _states_dtype(q: Tensor, K: int, V: int) -> torch.dtype:
-    """The chunk states' type: the small-head kernels' are float32 (16 values a chunk and head at K = V = 4)."""
-    return torch.float32 if _small_heads(K, V) else _wide_dtype(q)
-
-
 def _small_head_tiles(K: int, V: int) -> dict:
     """Padded K and V of the small-head kernels, and a warp for every 32 state entries. One head per program: each
     program walks a chain of dependent chunk steps, and more heads per program (fewer programs) or a head's V split
@@ -261,14 +256,25 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _wide_dtype(x: Tensor) -> torch.dtype:
+FLOAT32_STATE_ENTRIES = 32 * 32
+"""bfloat16 heads with at most this many state entries keep their chunk states in float32 (below)."""
+
+
+def _wide_dtype(x: Tensor, K: int, V: int) -> torch.dtype:
     """The type of what is scaled by exp of a gate sum: the anchored intra-chunk operands (factors up to
     exp(40)), the chunk states, their gradients and the operands that meet them (factors down to exp(-20)
     per step when the gates are near 0). float16 leaves its range there (largest 65504, smallest
     subnormal 6e-8), so float16 inputs take those in float32 (tf32 matmuls); bfloat16 and float32 keep
-    their own type. The backward's anchored operands are always float32 (tf32): the gate gradient
-    q dq - k dk cancels the pairs that do not span a step, and bfloat16 rounding would leave that noisy."""
-    return torch.float32 if x.dtype == torch.float16 else x.dtype
+    their own type, except small bfloat16 heads (K V <= FLOAT32_STATE_ENTRIES, the small-head kernels' among
+    them): their states cost little in float32 (K V / C values per token against K of q), and in bfloat16 the
+    lower bound's gradient of a layer with few channels (H K = 16: a handful of sums that cancel) had a tail
+    past 1e-2 of relative error (1 draw in about 50; largest of 30 draws 7.4e-3 against 4.1e-3 in float32,
+    kernels/NOTES.md, ninth session). The backward's anchored operands are always float32 (tf32): the gate
+    gradient q dq - k dk cancels the pairs that do not span a step, and bfloat16 rounding would leave that
+    noisy."""
+    if x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and K * V <= FLOAT32_STATE_ENTRIES):
+        return torch.float32
+    return x.dtype
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -279,7 +285,7 @@ def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layou
     """What every scan kernel is specialised on."""
     _, _, H, K = q.shape
     return dict(H=H, K=K, V=v.shape[-1], C=CHUNK, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
-                REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q)))
+                REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q, K, v.shape[-1])))
 
 
 def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tensor, final: Tensor, layout: _Layout,
@@ -317,7 +323,7 @@ def scan_fwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
     if _small_heads(K, V):  # no seeds: a backward without kept states walks them again itself
-        states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_states_dtype(q, K, V),
+        states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V),
                         device=q.device)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _small_fwd_kernel[(N * H,)](
@@ -326,10 +332,10 @@ def scan_fwd(
                 HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, STORE_STATES=save_states,
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
-        return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q))
+        return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V))
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
-    states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q), device=q.device)
+    states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
     # Seeds in the states' type: every output program of a segment reads its seed again (from L2), and float32
     # seeds made the output kernel 44% slower (record shape, T 16K: 0.81 ms against 0.56; bfloat16 0.67).
     seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device), K, V,
@@ -359,8 +365,8 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
-        q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_states_dtype(q, K, V)),
-        q.new_empty(n_seeds, K, V, dtype=_wide_dtype(q)),
+        q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V)),
+        q.new_empty(n_seeds, K, V, dtype=_wide_dtype(q, K, V)),
     )
 
 
@@ -374,7 +380,7 @@ def scan_states(
     f, v = _row_stride(f), _row_stride(v)
     B, T, H, K = f.shape
     layout = _Layout(B, T, cu_seqlens, f.device)
-    states = _empty(layout.n_states, H, K, v.shape[-1], dtype=_wide_dtype(q), device=f.device)
+    states = _empty(layout.n_states, H, K, v.shape[-1], dtype=_wide_dtype(q, K, v.shape[-1]), device=f.device)
     dummy = f.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
@@ -388,7 +394,7 @@ def scan_states(
 def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
     B, T, H, K = q.shape
     n_states = _state_slots(B, T, cu_seqlens)
-    return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q))
+    return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q, K, v.shape[-1]))
 
 
 @torch.library.custom_op("hgrn2::scan_bwd", mutates_args=())
@@ -411,7 +417,7 @@ def scan_bwd(
     if _small_heads(K, V):
         return (dq, df, dv, *_small_scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, layout,
                                               scale, reverse, dq, df, dv, dh0))
-    dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q), device=q.device)
+    dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
     db_chunks = torch.zeros(layout.n_chunks if lower_bound is not None else 0, H, K, dtype=torch.float32,
                             device=q.device)
     dummy = q.new_empty(0)
