@@ -246,6 +246,14 @@ class _Layout:
         self.cu_seqlens = cu_seqlens
 
 
+def _fallback_flags(layout: _Layout, H: int, device: torch.device) -> Tensor:
+    """One byte per (chunk, head) of the grads kernel: its first launch marks the chunks whose intra-chunk pairs one
+    anchor cannot span, and a second launch (FALLBACK) does those alone, so that the first carries none of the
+    fallback's code (kernels/triton_scan_kernels.py, `_bwd_kernel`). Programs past a packed batch's last chunk write
+    and read nothing."""
+    return torch.empty(layout.n_chunks * H, dtype=torch.int8, device=device)
+
+
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -434,11 +442,13 @@ def scan_bwd(
             WRITE_DH0=want_dh0, SEGMENTED=walks.segmented, **walks.tiles, **common,
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
-        _bwd_kernel[(layout.n_chunks, H)](
-            q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, layout.cu_seqlens,
-            layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
-            **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32, **common,
-        )
+        flags = _fallback_flags(layout, H, q.device)
+        for fallback in (False, True):
+            _bwd_kernel[(layout.n_chunks, H)](
+                q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
+                layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
+                **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32, FALLBACK=fallback, **common,
+            )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
     return dq, df, dv, db, dh0
 

@@ -208,28 +208,84 @@ def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _anchored_operands(q, k, G, offs_c, valid, C: tl.constexpr, OPERAND_DT: tl.constexpr, AXIS: tl.constexpr):
-    """Whether the chunk's gate range allows the anchored matmul, its anchor G_m and the anchored operands
-    q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT (q and k themselves where it does not); positions along AXIS."""
-    G_mid, anchored = _anchor(G, offs_c, valid, C, AXIS)
-    if anchored:
-        q_mid = (q * _exp(G - _per_channel(G_mid, AXIS))).to(OPERAND_DT)
-        k_mid = (k * _exp(_per_channel(G_mid, AXIS) - G)).to(OPERAND_DT)
-    else:
-        q_mid = q.to(OPERAND_DT)
-        k_mid = k.to(OPERAND_DT)
-    return anchored, G_mid, q_mid, k_mid
+def _anchored_operands(q, k, G, G_mid, OPERAND_DT: tl.constexpr, AXIS: tl.constexpr):
+    """The anchored operands q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT, positions along AXIS."""
+    return ((q * _exp(G - _per_channel(G_mid, AXIS))).to(OPERAND_DT),
+            (k * _exp(_per_channel(G_mid, AXIS) - G)).to(OPERAND_DT))
 
 
 @triton.jit
-def _scores(q, k, G, offs_c, anchored, q_mid, k_mid, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk (the caller masks), from float32 q, k
-    and `_anchored_operands`: one matmul when the chunk is anchored, else elementwise."""
-    if anchored:
-        A = tl.dot(q_mid, tl.trans(k_mid), input_precision=PRECISION)
+def _pair_sums(a, b, PRECISION: tl.constexpr, AXIS: tl.constexpr):
+    """The [C, C] sums over channels of a_t b_s, for tiles with positions along AXIS."""
+    if AXIS == 0:
+        sums = tl.dot(a, tl.trans(b), input_precision=PRECISION)
     else:
+        sums = tl.dot(tl.trans(a), b, input_precision=PRECISION)
+    return sums
+
+
+@triton.jit
+def _half_anchors(G, offs_c, C: tl.constexpr, AXIS: tl.constexpr):
+    """G at the middle of each position's half of the chunk, as a tile like G."""
+    first = _per_channel(_position(G, offs_c, C // 4 - 1, AXIS), AXIS)
+    second = _per_channel(_position(G, offs_c, 3 * C // 4 - 1, AXIS), AXIS)
+    return tl.where(_per_position(offs_c >= C // 2, AXIS), second, first)
+
+
+@triton.jit
+def _halves(G, offs_c, valid, C: tl.constexpr, AXIS: tl.constexpr):
+    """Whether a chunk that one anchor cannot span can be split in halves, each anchored at its own middle: every
+    |G - G_h| within range, G_h the `_half_anchors`. Each anchor spans half the steps, so gates twice as steep in
+    log pass (at C 32 down to about exp(-5) a step, against exp(-2.5)); the pairs across the halves need no check
+    (`_across_halves`)."""
+    spread = tl.max(tl.max(tl.where(_per_position(valid, AXIS), tl.abs(G - _half_anchors(G, offs_c, C, AXIS)), 0.0),
+                           axis=1), axis=0)
+    return spread <= ANCHOR_RANGE
+
+
+@triton.jit
+def _same_half(offs_c, C: tl.constexpr):
+    """The [C, C] pairs whose positions lie in the same half of the chunk."""
+    return (offs_c[:, None] >= C // 2) == (offs_c[None, :] >= C // 2)
+
+
+@triton.jit
+def _across_halves(G, offs_c, C: tl.constexpr, AXIS: tl.constexpr):
+    """The two factors of the decay of a pair across the halves (query in the second half, key in the first):
+    exp(G - G_b) on the second half's positions and exp(G_b - G) on the first's, zero on the other, G_b at the
+    first half's last position. Each is at most 1 whatever the gates, so this needs no range check."""
+    G_b = _per_channel(_position(G, offs_c, C // 2 - 1, AXIS), AXIS)
+    second = _per_position(offs_c >= C // 2, AXIS)
+    return (tl.where(second, _exp(tl.minimum(G - G_b, 0.0)), 0.0),
+            tl.where(second, 0.0, _exp(tl.minimum(G_b - G, 0.0))))
+
+
+@triton.jit
+def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
+                     PRECISION: tl.constexpr, AXIS: tl.constexpr):
+    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk that one anchor cannot span (the caller
+    masks), from float32 q, k with positions along AXIS, and whether it took the halves: when they are anchored
+    (`_halves`), one matmul within each half and one across them; else elementwise, 10x slower than the anchored
+    matmul (the output kernel at the record shape: 5.6 ms against 0.56, H100, kernels/NOTES.md, ninth session)."""
+    halves = _halves(G, offs_c, valid, C, AXIS)
+    if halves:
+        G_half = _half_anchors(G, offs_c, C, AXIS)
+        within = _pair_sums((q * _exp(G - G_half)).to(OPERAND_DT), (k * _exp(G_half - G)).to(OPERAND_DT),
+                            PRECISION, AXIS)
+        q_across, k_across = _across_halves(G, offs_c, C, AXIS)
+        A = tl.where(_same_half(offs_c, C), within, 0.0) + _pair_sums(
+            (q * q_across).to(OPERAND_DT), (k * k_across).to(OPERAND_DT), PRECISION, AXIS)
+    elif AXIS == 0:
         A = _scores_exact(q, k, G, offs_c, C, BK)
-    return A
+    else:
+        A = _scores_exact(tl.trans(q), tl.trans(k), tl.trans(G), offs_c, C, BK)
+    return A, halves
+
+
+@triton.jit
+def _left_to_the_fallback(flags, i_c, i_h, H: tl.constexpr):
+    """Whether the first launch of a chunk-parallel kernel left chunk i_c of head i_h to the fallback launch."""
+    return tl.load(flags + i_c * H + i_h) != 0
 
 
 @triton.jit
@@ -245,6 +301,22 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
         dq += dA_s[:, None] * k_s[None, :] * decay
         dk_s = tl.sum(dA_s[:, None] * q * decay, axis=0)
         dk = tl.where((offs_c == s)[:, None], dk_s[None, :], dk)
+    return dq, dk
+
+
+@triton.jit
+def _intra_grads_by_halves(q, k, G, dA, offs_c, C: tl.constexpr, OPERAND_DT: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the halves' matmuls, as `_scores` takes them."""
+    G_half = _half_anchors(G, offs_c, C, 1)
+    up, down = _exp(G - G_half), _exp(G_half - G)
+    dA_within = tl.where(_same_half(offs_c, C), dA, 0.0).to(OPERAND_DT)
+    q_across, k_across = _across_halves(G, offs_c, C, 1)
+    dA = dA.to(OPERAND_DT)
+    dq = (up * tl.dot((k * down).to(OPERAND_DT), tl.trans(dA_within), input_precision=PRECISION)
+          + q_across * tl.dot((k * k_across).to(OPERAND_DT), tl.trans(dA), input_precision=PRECISION))
+    dk = (down * tl.dot((q * up).to(OPERAND_DT), dA_within, input_precision=PRECISION)
+          + k_across * tl.dot((q * q_across).to(OPERAND_DT), dA, input_precision=PRECISION))
     return dq, dk
 
 
@@ -393,10 +465,11 @@ def _fwd_output_kernel(
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     WIDE_DT: tl.constexpr, SEEDED: tl.constexpr,
 ):
-    """SEEDED: the chunk states are a segmented walk's local ones; the true state at a chunk's start is
-    local + exp(D) seed, D the gate sum since its segment's start and seed the segment's true start
-    (`_Walks.carry`), so the correction is one more product, (q exp(G + D)) seed, instead of a carry pass that
-    reads and writes every chunk state."""
+    """One launch, the fallback inline: unlike the grads kernel's (`_bwd_kernel`), its code here cost the anchored
+    chunks nothing measurable, and a second launch cost 12-24 us (kernels/NOTES.md, ninth session). SEEDED: the
+    chunk states are a segmented walk's local ones; the true state at a chunk's start is local + exp(D) seed, D the
+    gate sum since its segment's start and seed the segment's true start (`_Walks.carry`), so the correction is one
+    more product, (q exp(G + D)) seed, instead of a carry pass that reads and writes every chunk state."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
@@ -407,8 +480,12 @@ def _fwd_output_kernel(
     _, k, _, _, G, _ = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b, mask_ck,
                                    offs_c, C, 0)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
-    anchored, _, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, WIDE_DT, 0)
-    A = _scores(q_t, k, G, offs_c, anchored, q_mid, k_mid, C, BK, PRECISION)
+    G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
+    if anchored:
+        q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0)
+        A = _pair_sums(q_mid, k_mid, PRECISION, 0)
+    else:
+        A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0)[0]
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_decayed = q_t * _exp(G) * scale
     q_inter = q_decayed.to(WIDE_DT)
@@ -531,13 +608,19 @@ def _segment_carry_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    q_by_time, f_by_time, v, do, lower_bound, states, dstates, dq, df, dv, db, cu_seqlens, state_offsets, chunk_table,
-    stride_v, scale, T,
+    q_by_time, f_by_time, v, do, lower_bound, states, dstates, dq, df, dv, db, flags, cu_seqlens, state_offsets,
+    chunk_table, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr,
+    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, FALLBACK: tl.constexpr,
 ):
-    """Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
+    """Launched twice. The first launch does the chunks whose intra-chunk pairs one anchor spans (nearly all) and
+    marks the others in `flags`; the second (FALLBACK) does only those, by halves or elementwise
+    (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and spills even
+    though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the elementwise path
+    inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
+
+    Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
     this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape with the copy of f
     (NOTES.md, v4), 1.91 with the copy of q too (NOTES.md, fifth and sixth sessions)."""
@@ -545,6 +628,9 @@ def _bwd_kernel(
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
+    if FALLBACK:
+        if not _left_to_the_fallback(flags, i_c, i_h, H):
+            return
     bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     chunk = state_off - i_n + i_t
@@ -561,11 +647,15 @@ def _bwd_kernel(
     g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc,
                                                 offs_c, C, 1)
     q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
-    anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT, 1)
-    if anchored:
-        A = tl.dot(tl.trans(q_mid), k_mid, input_precision=PRECISION)
+    if FALLBACK:
+        A, halves = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1)
     else:
-        A = _scores_exact(tl.trans(q_t), tl.trans(k), tl.trans(G), offs_c, C, BK)
+        G_mid, anchored = _anchor(G, offs_c, valid, C, 1)
+        tl.store(flags + i_c * H + i_h, (~anchored).to(tl.int8))
+        if not anchored:
+            return
+        q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
+        A = _pair_sums(q_mid, k_mid, PRECISION, 1)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     k_end = (k * _exp(G_last[:, None] - G)).to(WIDE_DT)
 
@@ -599,12 +689,17 @@ def _bwd_kernel(
         _, k, _, _, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc, offs_c,
                                             C, 1)
         q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
-        anchored, G_mid, q_mid, k_mid = _anchored_operands(q_t, k, G, offs_c, valid, C, ANCHORED_DT, 1)
+        if not FALLBACK:
+            G_mid, _ = _anchor(G, offs_c, valid, C, 1)
+            q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
     dq_t = dq_inter * _exp(G) * scale
     dk_state = dk_state * _exp(G_last[:, None] - G)
-    if anchored:
+    if not FALLBACK:
         dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
         dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)
+    elif halves:
+        dq_halves, dk_intra = _intra_grads_by_halves(q_t, k, G, dA, offs_c, C, ANCHORED_DT, PRECISION)
+        dq_t += dq_halves
     else:
         dq_intra, dk_intra_ck = _intra_grads_exact(tl.trans(q_t), tl.trans(k), tl.trans(G), dA, offs_c, C, BK)
         dq_t += tl.trans(dq_intra)

@@ -21,7 +21,7 @@ from triton.runtime.jit import KernelInterface
 SHARED_MEMORY_LIMIT = 227 * 1024
 """Bytes of shared memory one block may use on sm_90."""
 
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32",
           torch.int64: "i64"}
 
 
