@@ -217,11 +217,12 @@ class ImageNetDataModule(ImageClassificationData):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        datasets = {}  # all or none: a setup that fails halfway must fail again when called again
         for split, train in (("train", True), ("val", False)):
             samples = list_images(self.root / split, self.classes)
             transform = self.augment.transform(self.image_size, train)
-            self.datasets[split] = ImageFiles(samples, transform, self.on_bad_image)
-        self.datasets["test"] = self.datasets["val"]
+            datasets[split] = ImageFiles(samples, transform, self.on_bad_image)
+        self.datasets = {**datasets, "test": datasets["val"]}
 
 
 class ShapesDataModule(ImageNetDataModule):

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.sampling import ShardedDataModule, resumable_loader
-from datamodules.tokenizers import ByteTokenizer, load_tokenizer
+from datamodules.tokenizers import ByteTokenizer, canonical_spec, load_tokenizer
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 SPLIT_SEGMENT_TOKENS = 1 << 16
@@ -78,7 +78,7 @@ class TextDataModule(ShardedDataModule):
         self.token_folder = _token_folder(source)
         self.meta = _read_meta(self.token_folder) if self.token_folder else {}
         spec = tokenizer or self.meta.get("tokenizer", "bytes")
-        if self.meta.get("tokenizer") not in (None, spec):
+        if "tokenizer" in self.meta and canonical_spec(self.meta["tokenizer"]) != canonical_spec(spec):
             raise ValueError(
                 f"{self.token_folder} was tokenized with {self.meta['tokenizer']!r} but data.tokenizer is {spec!r}: "
                 f"drop data.tokenizer to use the folder's, or prepare the data again with this tokenizer"
@@ -168,18 +168,20 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def read_documents(source: str | list[str]) -> list[bytes]:
-    """The raw bytes of every document of a text source ("stdlib", or paths and globs)."""
-    if source == "stdlib":
-        return [path.read_bytes() for path in stdlib_files()]
+def read_documents(source: str | list[str], name: str = "data.source") -> list[bytes]:
+    """The raw bytes of every document of a text source ("stdlib", or paths and globs); `name` is the setting
+    that gave it, for the error message."""
     patterns = [source] if isinstance(source, str) else source
+    if patterns == ["stdlib"]:
+        return [path.read_bytes() for path in stdlib_files()]
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
+            folder_hint = ", or a folder with train.bin and val.bin from `hgrn2 prepare-text`"
             raise FileNotFoundError(
-                f"data.source {pattern!r} matches no file: give text files or globs (data/*.txt), 'stdlib', "
-                f"or a folder with train.bin and val.bin from `hgrn2 prepare-text`"
+                f"{name} {pattern!r} matches no file: give text files or globs (data/*.txt) or 'stdlib'"
+                f"{folder_hint if name == 'data.source' else ''}"
             )
         files += [Path(m) for m in matches if Path(m).is_file()]
     return [path.read_bytes() for path in files]
@@ -233,11 +235,11 @@ def load_token_file(path: Path, dtype: type, vocab_size: int) -> np.ndarray:
 
 
 def prepare_text(
-    train: list[str],
+    train: list[str] | str,
     out: str,
     tokenizer: str = "bytes",
-    val: list[str] | None = None,
-    test: list[str] | None = None,
+    val: list[str] | str | None = None,
+    test: list[str] | str | None = None,
     val_fraction: float = 0.01,
 ) -> None:
     """Tokenize local text files into a token folder (train.bin, val.bin, test.bin, meta.json).
@@ -251,14 +253,13 @@ def prepare_text(
         val_fraction: share held out for validation when val is not given.
     """
     tok = load_tokenizer(tokenizer)
-    source = lambda files: files[0] if files == ["stdlib"] else files
-    splits = {"train": tokenize_documents(read_documents(source(train)), tok)}
+    splits = {"train": tokenize_documents(read_documents(train, "--train"), tok)}
     if val:
-        splits["val"] = tokenize_documents(read_documents(source(val)), tok)
+        splits["val"] = tokenize_documents(read_documents(val, "--val"), tok)
     else:
         splits["train"], splits["val"] = split_stream(splits["train"], val_fraction)
     if test:
-        splits["test"] = tokenize_documents(read_documents(source(test)), tok)
+        splits["test"] = tokenize_documents(read_documents(test, "--test"), tok)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
@@ -266,7 +267,7 @@ def prepare_text(
         tokens.astype(dtype).tofile(folder / f"{split}.bin")
     val_bytes = len(tok.decode(splits["val"].tolist()).encode("utf-8"))
     meta = {
-        "tokenizer": tok.spec,
+        "tokenizer": canonical_spec(tok.spec),  # absolute: the folder works from any directory
         "vocab_size": tok.vocab_size,
         "dtype": dtype,
         "eot_id": tok.eot_id,

@@ -85,6 +85,11 @@ class HFTokenizer:
         return step
 
 
+def canonical_spec(spec: str) -> str:
+    """'bytes', or a tokenizer.json's absolute path: the same tokenizer however the path was written."""
+    return spec if spec == "bytes" else str(Path(spec).resolve())
+
+
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     """'bytes' or the path of a tokenizer.json."""
     return ByteTokenizer() if spec == "bytes" else HFTokenizer(spec)

@@ -100,11 +100,17 @@ def test_missing_folders_name_the_expected_layout(tmp_path, imagenet):
         ImageNetDataModule(str(imagenet))
 
 
-def test_an_empty_class_folder_is_named(imagenet):
+@pytest.mark.parametrize("empty_in", [("train", "val"), ("val",)], ids=["both splits", "val only"])
+def test_an_empty_class_folder_is_named(imagenet, empty_in):
+    """Also after a failed setup was swallowed: Lightning's LightningDataModule.__str__ (which the CLI calls) builds
+    every loader and hides their errors, and a setup that had kept its train split returned early afterwards."""
     for split in ("train", "val"):
         (imagenet / split / "n09999999").mkdir()
+        if split not in empty_in:
+            write_jpegs(imagenet / split / "n09999999", (0, 0, 0), 1, np.random.default_rng(0))
     data = ImageNetDataModule(str(imagenet), num_workers=0)
     assert data.num_classes == 4
+    str(data)
     with pytest.raises(FileNotFoundError, match=r"n09999999 has no images"):
         data.setup("fit")
 

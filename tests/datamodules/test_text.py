@@ -85,6 +85,25 @@ def test_prepare_text_round_trip_with_a_tokenizer_json(tmp_path, corpus, word_to
         TextDataModule(source=str(out), tokenizer="bytes")
 
 
+def test_prepare_text_command_as_the_readme_gives_it(tmp_path, corpus, word_tokenizer, monkeypatch):
+    """`hgrn2 prepare-text --train 'glob' --tokenizer relative/tokenizer.json`: a glob string (not a list) is
+    accepted, the tokenizer's path is stored absolute so the folder works from any directory, and the demo config
+    (data.tokenizer null) then takes the folder's tokenizer."""
+    from hgrn2_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["prepare-text", "--train", "corpus/doc*.txt", "--tokenizer", "tokenizer.json", "--out", "tokens"])
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["tokenizer"] == str(word_tokenizer.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = TextDataModule(source=str(tmp_path / "tokens"), tokenizer=None, seq_len=8, batch_size=2)
+    assert data.vocab_size == HFTokenizer(str(word_tokenizer)).vocab_size
+    with pytest.raises(FileNotFoundError, match="--train 'nothing/\\*.txt' matches no file"):
+        main(["prepare-text", "--train", "nothing/*.txt", "--out", "unused"])
+
+
 def test_byte_tokenizer_streams_multibyte_characters():
     tokenizer = ByteTokenizer()
     ids = tokenizer.encode("é—x")
