@@ -11,6 +11,7 @@
 
 import os
 import sys
+import warnings
 from argparse import RawDescriptionHelpFormatter
 
 from jsonargparse import CLI, DefaultHelpFormatter
@@ -48,6 +49,22 @@ class HGRN2CLI(LightningCLI):
             ("data.paired", "model.init_args.paired"),
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """validate / test / predict with `--ckpt_path last` and no last checkpoint stop here: Lightning would
+        only warn and evaluate the untrained weights (fit starting afresh is what resuming wants)."""
+        if subcommand == "fit" or self.config_init[subcommand].get("ckpt_path") != "last":
+            return super()._run_subcommand(subcommand)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*there is no last checkpoint available")
+            try:
+                return super()._run_subcommand(subcommand)
+            except UserWarning:
+                folders = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if c.dirpath})
+                raise FileNotFoundError(
+                    f"{subcommand} --ckpt_path last: no last checkpoint in {folders or 'the run'}; give the config "
+                    f"of the trained run (its checkpoint folder) or the checkpoint's path"
+                ) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,6 +49,10 @@ class HGRN2Config:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        sizes = {"d_model": self.d_model, "n_layers": self.n_layers, "expand_ratio": self.expand_ratio,
+                 "mlp_hidden": 1 if self.mlp_hidden is None else self.mlp_hidden}
+        if any(value < 1 for value in sizes.values()):
+            raise ValueError(f"backbone sizes must be positive, got {sizes}")
         if self.d_model % self.expand_ratio:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of expand_ratio ({self.expand_ratio}): "

@@ -268,7 +268,14 @@ class ImageClassifier(TaskModule):
             optim = replace(optim, warmup_steps=round(self.warmup_epochs * steps_per_epoch))
         if self.lr_reference_batch:
             global_batch = trainer.train_dataloader.batch_size * trainer.world_size * accumulate
-            optim = replace(optim, lr=optim.lr * global_batch / self.lr_reference_batch)
+            scaled = optim.lr * global_batch / self.lr_reference_batch
+            if scaled < optim.min_lr:
+                raise ValueError(
+                    f"the learning rate scaled to the global batch, {optim.lr:.3g} x {global_batch} / "
+                    f"{self.lr_reference_batch} = {scaled:.3g}, is below optim.min_lr ({optim.min_lr:.3g}): lower "
+                    f"optim.min_lr, raise the batch, or set lr_reference_batch null to take optim.lr as it is"
+                )
+            optim = replace(optim, lr=scaled)
             rank_zero_info(f"learning rate {optim.lr:.3g}: {self.optim.lr:.3g} x global batch {global_batch} / "
                            f"{self.lr_reference_batch}")
         return configure_adamw(self, optim, total_steps, self.fused_optimizer)

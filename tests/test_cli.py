@@ -83,6 +83,8 @@ def test_printed_config_runs_as_written(tmp_path, corpus, capsys):
 
 def test_fit_validate_test_predict_and_generate(tmp_path, corpus, capsys):
     config, run = tiny_lm_config(tmp_path, corpus)
+    with pytest.raises(FileNotFoundError, match=r"test --ckpt_path last: no last checkpoint in \[.*checkpoints'\]"):
+        main(["test", "--config", str(config), "--ckpt_path", "last"])  # before any fit: not the untrained weights
     main(["fit", "--config", str(config)])
     checkpoint = run / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, weights_only=False)

@@ -112,9 +112,13 @@ def test_lower_bound_logits_receive_gradients_from_every_layer_but_the_first():
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_config_rejects_heads_that_do_not_divide():
+def test_config_rejects_heads_that_do_not_divide_and_sizes_below_1():
     with pytest.raises(ValueError, match="multiple of expand_ratio"):
         HGRN2Config(d_model=100, expand_ratio=64)
+    for size in ("d_model", "n_layers", "expand_ratio", "mlp_hidden"):
+        for value in (0, -16):
+            with pytest.raises(ValueError, match=f"backbone sizes must be positive, got .*'{size}': {value}"):
+                HGRN2Config(**{size: value})
 
 
 def test_weight_decay_only_on_matrices_and_tied_weights_counted_once():

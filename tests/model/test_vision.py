@@ -17,6 +17,7 @@ import yaml
 from datamodules.images import ShapesDataModule
 from hgrn2_lightning.cli import main
 from hgrn2_lightning.model import HGRN2Config
+from hgrn2_lightning.optim import OptimConfig
 from hgrn2_lightning.vision import ImageClassifier, MixupConfig, PatchClassifier, soft_target_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,6 +156,11 @@ def test_learning_rate_scales_with_the_global_batch_and_warmup_counts_epochs(sha
     steps_per_epoch = 48 // 12
     assert factor(steps_per_epoch) == pytest.approx(0.5, abs=0.01)  # halfway through 2 epochs of warmup
     assert factor(2 * steps_per_epoch) == pytest.approx(1.0)
+    module = ImageClassifier(backbone(), num_classes=6, image_size=16, patch_size=4, mixup=NO_MIXUP,
+                             optim=OptimConfig(lr=1e-3, min_lr=5e-4), lr_reference_batch=1024)
+    with pytest.raises(ValueError, match=r"scaled to the global batch, 0.001 x 12 / 1024 = 1.17e-05, is below "
+                                         r"optim.min_lr \(0.0005\)"):
+        trainer.fit(module, tiny_shapes(shapes))
 
 
 class RecordLosses(L.Callback):
