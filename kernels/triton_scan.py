@@ -13,6 +13,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.triton_scan_kernels import (
+    ANCHORED_LAUNCH,
+    FALLBACK_LAUNCH,
+    ONE_LAUNCH,
     _bwd_dh_kernel,
     _bwd_kernel,
     _fwd_output_kernel,
@@ -22,6 +25,21 @@ from kernels.triton_scan_kernels import (
 from kernels.triton_scan_small import _small_bwd_kernel, _small_fwd_kernel
 
 CHUNK = 32
+"""Tokens per chunk of the training scan (the forward that keeps or rebuilds states for a backward, and the
+backward): at 64 the grads kernel's [C, K] tiles spill (kernels/NOTES.md, v1 and v2)."""
+INFERENCE_CHUNK = 64
+"""Tokens per chunk of a forward no backward follows, where `_forward_chunk` says: half the chunk states to write
+and read back."""
+
+
+def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
+    """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for bfloat16 heads of 128-wide tiles (the
+    record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK. 64-wide heads lose at 64 (the
+    ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output kernel that pass the 227 KiB of
+    shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/NOTES.md, ninth session)."""
+    if backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128:
+        return CHUNK
+    return INFERENCE_CHUNK
 POISON_OUTPUTS = False
 """Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
 
@@ -93,11 +111,12 @@ def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
     return _cdiv(n_chunks, segment_chunks), segment_chunks
 
 
-def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | None, device: torch.device) -> int:
+def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | None, device: torch.device,
+                chunk: int) -> int:
     """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
     if cu_seqlens is not None or _small_heads(K, V):
         return 0
-    n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
+    n_segments, _ = _segment_layout(_cdiv(T, chunk), B * H, K, V, False, device)
     return B * H * n_segments if n_segments > 1 else 0
 
 
@@ -112,7 +131,8 @@ class _Walks:
                  device: torch.device, carry: str):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
-        self.n_segments, segment_chunks = _segment_layout(_cdiv(T, CHUNK), walks, K, V, layout.is_varlen, device)
+        self.n_segments, segment_chunks = _segment_layout(_cdiv(T, layout.chunk), walks, K, V, layout.is_varlen,
+                                                          device)
         self.carries_seeds = carry == "seeds"
         self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded
@@ -139,7 +159,8 @@ class _Walks:
         _segment_carry_kernel[self.grid](
             chunk_states, self.chunk_decays, self.segment_ends, self.segment_decays,
             boundary if boundary is not None else self.segment_ends, seeds, layout.cu_seqlens, layout.state_offsets,
-            T, self.n_segments, self.segment_chunks, H=self.H, K=self.K, V=self.V, C=CHUNK, BACKWARD=backward,
+            T, self.n_segments, self.segment_chunks, H=self.H, K=self.K, V=self.V, C=layout.chunk,
+            BACKWARD=backward,
             FIX_STATES=not self.carries_seeds, WRITE_SEEDS=self.carries_seeds, WRITE_BOUNDARY=boundary is not None,
             **tiles,
         )
@@ -209,33 +230,34 @@ def _row_stride(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _state_slots(B: int, T: int, cu_seqlens: Tensor | None) -> int:
+def _state_slots(B: int, T: int, cu_seqlens: Tensor | None, chunk: int) -> int:
     """Rows of the chunk-state buffer: every chunk's start and each sequence's end. For packed sequences an upper
     bound from shapes alone (sum ceil(L / C) <= T / C + N), so nothing waits on the GPU."""
     if cu_seqlens is None:
-        return B * (_cdiv(T, CHUNK) + 1)
+        return B * (_cdiv(T, chunk) + 1)
     n_sequences = cu_seqlens.shape[0] - 1
-    return T // CHUNK + 2 * n_sequences
+    return T // chunk + 2 * n_sequences
 
 
 class _Layout:
-    """Where each sequence's chunks and chunk states live: arithmetic for equal lengths, tables for packed."""
+    """Where each sequence's chunks of `chunk` tokens and chunk states live: arithmetic for equal lengths, tables
+    for packed."""
 
-    def __init__(self, B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
-        self.is_varlen = cu_seqlens is not None
+    def __init__(self, B: int, T: int, cu_seqlens: Tensor | None, device: torch.device, chunk: int = CHUNK):
+        self.is_varlen, self.chunk = cu_seqlens is not None, chunk
         if not self.is_varlen:
             self.n_sequences = B
-            n_chunks = _cdiv(T, CHUNK)
-            self.n_states, self.n_chunks = _state_slots(B, T, None), B * n_chunks
+            n_chunks = _cdiv(T, chunk)
+            self.n_states, self.n_chunks = _state_slots(B, T, None, chunk), B * n_chunks
             self.cu_seqlens = self.state_offsets = self.chunk_table = torch.empty(0, dtype=torch.int32, device=device)
             return
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         N = cu_seqlens.numel() - 1
         self.n_sequences = N
         # Upper bounds known from shapes alone, so nothing waits on the GPU: sum ceil(L / C) <= T / C + N.
-        self.n_chunks = T // CHUNK + N
-        self.n_states = _state_slots(B, T, cu_seqlens)
-        chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + CHUNK - 1) // CHUNK
+        self.n_chunks = T // chunk + N
+        self.n_states = _state_slots(B, T, cu_seqlens, chunk)
+        chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk - 1) // chunk
         chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
         self.state_offsets = (chunk_offsets + torch.arange(N + 1, device=device)).to(torch.int32)
         index = torch.arange(self.n_chunks, device=device, dtype=torch.int32)
@@ -247,10 +269,10 @@ class _Layout:
 
 
 def _fallback_flags(layout: _Layout, H: int, device: torch.device) -> Tensor:
-    """One byte per (chunk, head) of the grads kernel: its first launch marks the chunks whose intra-chunk pairs one
-    anchor cannot span, and a second launch (FALLBACK) does those alone, so that the first carries none of the
-    fallback's code (kernels/triton_scan_kernels.py, `_bwd_kernel`). Programs past a packed batch's last chunk write
-    and read nothing."""
+    """One byte per (chunk, head) of a chunk-parallel kernel launched twice: the first launch (ANCHORED_LAUNCH)
+    marks the chunks whose intra-chunk pairs one anchor cannot span, and the second (FALLBACK_LAUNCH) does those
+    alone, so that the first carries none of the fallback's code (kernels/triton_scan_kernels.py, `_bwd_kernel`).
+    Programs past a packed batch's last chunk write and read nothing."""
     return torch.empty(layout.n_chunks * H, dtype=torch.int8, device=device)
 
 
@@ -292,7 +314,7 @@ def _tl_dtype(dtype: torch.dtype):
 def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layout, reverse: bool) -> dict:
     """What every scan kernel is specialised on."""
     _, _, H, K = q.shape
-    return dict(H=H, K=K, V=v.shape[-1], C=CHUNK, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
+    return dict(H=H, K=K, V=v.shape[-1], C=layout.chunk, HAS_BOUND=lower_bound is not None, IS_VARLEN=layout.is_varlen,
                 REVERSE=reverse, PRECISION=_precision(q), WIDE_DT=_tl_dtype(_wide_dtype(q, K, v.shape[-1])))
 
 
@@ -316,14 +338,16 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], scale: float, reverse: bool, save_states: bool, output_final_state: bool,
+    chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns o [B, T, H, V], the final state [N, H, K, V] (float32), the chunk states for the backward (or
     none) and, without them, the seeds of cut walks ([B H segments, K, V] in the states' type, or none), from
-    which the backward's `scan_states` rebuilds them exactly in one pass."""
+    which the backward's `scan_states` rebuilds them exactly in one pass. `chunk`: CHUNK where a backward
+    follows (its states and seeds are the backward's), else `_forward_chunk`'s."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    layout = _Layout(B, T, cu_seqlens, q.device)
+    layout = _Layout(B, T, cu_seqlens, q.device, chunk)
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
@@ -336,7 +360,7 @@ def scan_fwd(
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _small_fwd_kernel[(N * H,)](
                 q, f, v, bound, h0, o, final, states, layout.cu_seqlens, layout.state_offsets, q.stride(1),
-                f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V, C=CHUNK, HAS_BOUND=lower_bound is not None,
+                f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V, C=chunk, HAS_BOUND=lower_bound is not None,
                 HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, STORE_STATES=save_states,
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
@@ -346,30 +370,35 @@ def scan_fwd(
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
     # Seeds in the states' type: every output program of a segment reads its seed again (from L2), and float32
     # seeds made the output kernel 44% slower (record shape, T 16K: 0.81 ms against 0.56; bfloat16 0.67).
-    seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device), K, V,
+    seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk), K, V,
                    dtype=states.dtype, device=q.device)
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         walks = _store_states(f, v, bound, h0, states, final, layout, common, initial_state is not None,
                               output_final_state, seeds, "rewrite" if save_states else "seeds")
-        _fwd_output_kernel[(layout.n_chunks, H)](
-            q, f, v, bound, states, o, walks.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets,
-            layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
-            walks.segment_chunks, SEEDED=walks.segmented and walks.carries_seeds, **_tiles("output", K, V, q.dtype),
-            **common,
-        )
+        # At chunk 64 the fallback's code inline spills (592 bytes a thread at K 128, sm_90a): two launches, as the
+        # grads kernel's (`_fallback_flags`); at 32 one, where a second launch would cost more than it saves.
+        launches = (ONE_LAUNCH,) if chunk == CHUNK else (ANCHORED_LAUNCH, FALLBACK_LAUNCH)
+        flags = _fallback_flags(layout, H, q.device) if len(launches) > 1 else dummy
+        for launch in launches:
+            _fwd_output_kernel[(layout.n_chunks, H)](
+                q, f, v, bound, states, o, walks.chunk_decays, seeds, flags, layout.cu_seqlens, layout.state_offsets,
+                layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
+                walks.segment_chunks, SEEDED=walks.segmented and walks.carries_seeds, LAUNCH=launch,
+                **_tiles("output", K, V, q.dtype), **common,
+            )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
     return o, final, states, seeds
 
 
 @scan_fwd.register_fake
-def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state):
+def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, chunk):
     B, T, H, K = q.shape
-    layout_states = _state_slots(B, T, cu_seqlens)
+    layout_states = _state_slots(B, T, cu_seqlens, chunk)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
-    n_seeds = 0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device)
+    n_seeds = 0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk)
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
@@ -401,7 +430,7 @@ def scan_states(
 @scan_states.register_fake
 def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
     B, T, H, K = q.shape
-    n_states = _state_slots(B, T, cu_seqlens)
+    n_states = _state_slots(B, T, cu_seqlens, CHUNK)
     return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q, K, v.shape[-1]))
 
 
@@ -443,11 +472,11 @@ def scan_bwd(
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         flags = _fallback_flags(layout, H, q.device)
-        for fallback in (False, True):
+        for launch in (ANCHORED_LAUNCH, FALLBACK_LAUNCH):
             _bwd_kernel[(layout.n_chunks, H)](
                 q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
                 layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
-                **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32, FALLBACK=fallback, **common,
+                **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32, LAUNCH=launch, **common,
             )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
     return dq, df, dv, db, dh0
@@ -490,7 +519,7 @@ def _(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, scal
 
 
 def _setup_context(ctx, inputs, output):
-    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state = inputs
+    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, _ = inputs
     ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], output[3], cu_seqlens)
     ctx.scale, ctx.reverse = scale, reverse
     ctx.has_initial_state = initial_state is not None
@@ -511,7 +540,7 @@ def _backward(ctx, do, d_final, d_states, d_seeds):
     dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, ctx.scale,
                                    ctx.reverse, ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
-            dh0 if ctx.has_initial_state else None, None, None, None, None, None)
+            dh0 if ctx.has_initial_state else None, None, None, None, None, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -529,5 +558,6 @@ def triton_scan(
     o, final, _, _ = scan_fwd(
         q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
         needs_grad and not recompute_states, output_final_state,
+        _forward_chunk(q.dtype, q.shape[-1], i.shape[-1], backward=needs_grad),
     )
     return o, (final if output_final_state else None)

@@ -37,6 +37,12 @@ FLOAT32_TINY = tl.constexpr(1.1754944e-38)
 ANCHOR_RANGE = tl.constexpr(40.0)
 """Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
 LOG2_E = tl.constexpr(1.4426950408889634)
+ONE_LAUNCH = tl.constexpr(0)
+"""A chunk-parallel kernel launched once: every chunk, its fallback path inline."""
+ANCHORED_LAUNCH = tl.constexpr(1)
+"""The first of two launches: the chunks one anchor spans; the others are marked in `flags` and left."""
+FALLBACK_LAUNCH = tl.constexpr(2)
+"""The second: only the chunks the first marked, by halves or elementwise (`_fallback_scores`)."""
 FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 """The GPU's approximate logarithm (the interpreter has no libdevice fast_logf; the GPU tests cover it)."""
 
@@ -459,14 +465,15 @@ def _v_block(i_v, offs_k, mask_k, valid, V: tl.constexpr, BV: tl.constexpr):
 
 @triton.jit
 def _fwd_output_kernel(
-    q, f, v, lower_bound, states, o, chunk_decays, seeds, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f,
-    stride_v, scale, T, n_segments, segment_chunks,
+    q, f, v, lower_bound, states, o, chunk_decays, seeds, flags, cu_seqlens, state_offsets, chunk_table, stride_q,
+    stride_f, stride_v, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_DT: tl.constexpr, SEEDED: tl.constexpr,
+    WIDE_DT: tl.constexpr, SEEDED: tl.constexpr, LAUNCH: tl.constexpr,
 ):
-    """One launch, the fallback inline: unlike the grads kernel's (`_bwd_kernel`), its code here cost the anchored
-    chunks nothing measurable, and a second launch cost 12-24 us (kernels/NOTES.md, ninth session). SEEDED: the
+    """LAUNCH: ONE_LAUNCH at C 32, where the fallback's code inline cost the anchored chunks nothing measurable and a
+    second launch cost 12-24 us (kernels/NOTES.md, ninth session); ANCHORED_LAUNCH then FALLBACK_LAUNCH at C 64,
+    where it spills (kernels/triton_scan.py, `scan_fwd`). SEEDED: the
     chunk states are a segmented walk's local ones; the true state at a chunk's start is local + exp(D) seed, D the
     gate sum since its segment's start and seed the segment's true start (`_Walks.carry`), so the correction is one
     more product, (q exp(G + D)) seed, instead of a carry pass that reads and writes every chunk state."""
@@ -474,18 +481,28 @@ def _fwd_output_kernel(
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
+    if LAUNCH == FALLBACK_LAUNCH:
+        if not _left_to_the_fallback(flags, i_c, i_h, H):
+            return
     _, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     DT = q.dtype.element_ty
     _, k, _, _, G, _ = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b, mask_ck,
                                    offs_c, C, 0)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
-    G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
-    if anchored:
-        q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0)
-        A = _pair_sums(q_mid, k_mid, PRECISION, 0)
-    else:
+    if LAUNCH == FALLBACK_LAUNCH:
         A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0)[0]
+    else:
+        G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
+        if LAUNCH == ANCHORED_LAUNCH:
+            tl.store(flags + i_c * H + i_h, (~anchored).to(tl.int8))
+            if not anchored:
+                return
+            A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
+        elif anchored:
+            A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
+        else:
+            A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0)[0]
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_decayed = q_t * _exp(G) * scale
     q_inter = q_decayed.to(WIDE_DT)
@@ -612,10 +629,11 @@ def _bwd_kernel(
     chunk_table, stride_v, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, FALLBACK: tl.constexpr,
+    ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, LAUNCH: tl.constexpr,
 ):
-    """Launched twice. The first launch does the chunks whose intra-chunk pairs one anchor spans (nearly all) and
-    marks the others in `flags`; the second (FALLBACK) does only those, by halves or elementwise
+    """Launched twice. The first launch (ANCHORED_LAUNCH) does the chunks whose intra-chunk pairs one anchor spans
+    (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by halves or
+    elementwise
     (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and spills even
     though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the elementwise path
     inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
@@ -628,7 +646,7 @@ def _bwd_kernel(
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
         return
-    if FALLBACK:
+    if LAUNCH == FALLBACK_LAUNCH:
         if not _left_to_the_fallback(flags, i_c, i_h, H):
             return
     bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
@@ -647,7 +665,7 @@ def _bwd_kernel(
     g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc,
                                                 offs_c, C, 1)
     q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
-    if FALLBACK:
+    if LAUNCH == FALLBACK_LAUNCH:
         A, halves = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1)
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 1)
@@ -689,12 +707,12 @@ def _bwd_kernel(
         _, k, _, _, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc, offs_c,
                                             C, 1)
         q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
-        if not FALLBACK:
+        if LAUNCH == ANCHORED_LAUNCH:
             G_mid, _ = _anchor(G, offs_c, valid, C, 1)
             q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
     dq_t = dq_inter * _exp(G) * scale
     dk_state = dk_state * _exp(G_last[:, None] - G)
-    if not FALLBACK:
+    if LAUNCH == ANCHORED_LAUNCH:
         dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
         dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)
     elif halves:

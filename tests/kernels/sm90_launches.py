@@ -21,6 +21,7 @@ from triton.runtime.jit import KernelInterface
 SHARED_MEMORY_LIMIT = 227 * 1024
 """Bytes of shared memory one block may use on sm_90."""
 
+_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32",
           torch.int64: "i64"}
 
@@ -68,17 +69,29 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
     """Forward with states for the backward (or, `recompute`, with seeds to rebuild them from), then the backward,
     as autograd calls them. Many heads (H * B walks) give the sequential kernels their wide tiles, few their
     narrow ones."""
-    from kernels.triton_scan import scan_bwd, scan_fwd, scan_states
+    from kernels.triton_scan import CHUNK, scan_bwd, scan_fwd, scan_states
 
     def run():
         T = 100
         q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
         bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
-        _, _, states, seeds = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True)
+        _, _, states, seeds = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True, CHUNK)
         if recompute:
             states = scan_states(q, f, v, bound, h0, seeds, cu_seqlens, reverse)
         scan_bwd(q, f, v, bound, h0, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0, reverse,
                  True)
+
+    return run
+
+
+def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2):
+    """A forward no backward follows: its own chunk (`_forward_chunk`; with 64, the output kernel's two launches)."""
+    from kernels.triton_scan import _forward_chunk, scan_fwd
+
+    def run():
+        q, f, v = (torch.zeros(B, 200, H, K, dtype=dtype) for _ in range(3))
+        scan_fwd(q, f, v, torch.zeros(H, K), torch.zeros(B, H, K, K), None, 1.0, False, False, True,
+                 _forward_chunk(dtype, K, K, backward=False))
 
     return run
 
@@ -115,6 +128,7 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "fp32 K4 small heads": scan_training_step(torch.float32, 4, H=16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
+    **{f"{name} K{K} inference": scan_inference(dtype, K) for name, dtype in _NAMES.items() for K in (64, 128, 256)},
     "decode bf16 K128": decode(torch.bfloat16, 128),
     # Path-X's 2D scan runs every image row as a sequence: 256 images x 128 rows x 32 heads of size 1.
     "bf16 K1 Path-X rows": scan_training_step(torch.bfloat16, 1, H=32, B=256 * 128),

@@ -247,7 +247,8 @@ def test_forward_without_grad_keeps_no_states():
     b = torch.rand(H, K, device=DEVICE) * 0.9
     h0 = torch.randn(len(lengths), H, K, K, device=DEVICE)
     with torch.no_grad():
-        _, _, states, seeds = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True)
+        _, _, states, seeds = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True,
+                                                   triton_scan.CHUNK)
         ours = hgrn2_scan(q, f, i, b, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
                           reverse=True, backend="triton")
     exact = hgrn2_scan(*(x.double() for x in (q, f, i, b)), initial_state=h0.double(), output_final_state=True,
@@ -255,6 +256,46 @@ def test_forward_without_grad_keeps_no_states():
     assert states.numel() == 0 and seeds.numel() == 0
     errors = {name: relative_error(x, y) for name, x, y in zip(["o", "final_state"], ours, exact)}
     assert_close_to_oracle(errors, torch.float32)
+
+
+INFERENCE_CASES = {  # a forward no backward follows runs chunks of 64 (INFERENCE_CHUNK), the output kernel twice
+    "T 150": dict(T=150),
+    "gates near 0: the second launch, elementwise": dict(T=100, gate_shift=-20.0, bounded=False),
+    # log(lambda) about -2 a step: 64 over the 32 steps from a chunk's middle, 32 within a half
+    "gates at exp(-2): the second launch, by halves": dict(T=130, gate_shift=-2.0, gate_scale=0.1, bounded=False),
+    "one walk cut into segments (seeds)": dict(B=1, H=1, T=300),
+    "packed reverse": dict(B=1, T=140, lengths=[70, 3, 67], reverse=True),
+}
+
+
+def forward_errors(dtype, B=2, T=70, H=2, K=16, gate_shift=0.0, gate_scale=1.0, bounded=True, reverse=False,
+                   lengths=None):
+    """Relative errors of o and the final state of a forward without grad, Triton against the float64 loop, both
+    on the inputs rounded to `dtype`."""
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE) if lengths else None
+    q, f, i = (torch.randn(B, T, H, K, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    q, f, i = ((x * gate_scale + gate_shift if x is f else x).to(dtype).double() for x in (q, f, i))
+    b = (torch.rand(H, K, dtype=torch.float64, device=DEVICE) * 0.95).float().double() if bounded else None
+    h0 = torch.randn(len(lengths) if lengths else B, H, K, K, dtype=torch.float64, device=DEVICE).float().double()
+    results = []
+    for backend, dt, state_dt in (("triton", dtype, torch.float32),
+                                  ("naive" if T <= 256 else "chunked", torch.float64, torch.float64)):
+        with torch.no_grad():
+            results.append(hgrn2_scan(q.to(dt), f.to(dt), i.to(dt), None if b is None else b.to(state_dt),
+                                      initial_state=h0.to(state_dt), output_final_state=True, cu_seqlens=cu_seqlens,
+                                      reverse=reverse, backend=backend))
+    return {name: relative_error(ours, exact) for name, ours, exact in zip(["o", "final_state"], *results)}
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=list(INFERENCE_CASES))
+def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
+    """The GPU runs these in bfloat16 with heads of 128, which the dispatch gives chunks of 64. The interpreter runs
+    float32 heads of 16, which it keeps at 32 (`_forward_chunk`): the chunk of 64 is forced there."""
+    dtype, K = (torch.bfloat16, 128) if GPU else (torch.float32, 16)
+    if not GPU:
+        monkeypatch.setattr(triton_scan, "_forward_chunk", lambda *args, **kwargs: triton_scan.INFERENCE_CHUNK)
+    assert triton_scan._forward_chunk(dtype, K, K, backward=False) == triton_scan.INFERENCE_CHUNK
+    assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
 
 
 def test_a_lower_bound_out_of_range_fails_clearly():
