@@ -179,12 +179,12 @@ KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_bwd
            "_bwd_kernel": "grads"}
 
 
-def kernel_bytes(T: int, B: int) -> dict[str, float]:
+def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK) -> dict[str, float]:
     """Bytes each of our kernels must move: every tensor it reads or writes once, the chunk states (or their
-    gradients) once per chunk, all bf16."""
+    gradients) once per chunk of `chunk` tokens, all bf16."""
     n = B * T * H
     row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
-    states = n / triton_scan.CHUNK * D * D * 2
+    states = n / chunk * D * D * 2
     return {
         "_fwd_states_kernel": n * 2 * row + states,  # f, i in; states out
         "_fwd_output_kernel": n * 4 * row + states,  # q, f, i, states in; o out
@@ -194,9 +194,11 @@ def kernel_bytes(T: int, B: int) -> dict[str, float]:
 
 
 def traffic_bytes(T: int, B: int) -> dict:
-    """Bytes of the forward (states and output passes) and of forward + backward (all four)."""
-    moved = kernel_bytes(T, B)
-    return {"fwd": moved["_fwd_states_kernel"] + moved["_fwd_output_kernel"], "fwdbwd": sum(moved.values())}
+    """Bytes of the forward without grad (states and output passes, at its own chunk) and of forward + backward
+    (all four)."""
+    inference = kernel_bytes(T, B, triton_scan._forward_chunk(torch.bfloat16, D, D, backward=False))
+    return {"fwd": inference["_fwd_states_kernel"] + inference["_fwd_output_kernel"],
+            "fwdbwd": sum(kernel_bytes(T, B).values())}
 
 
 def kernel_bandwidth_fractions(row: dict, bandwidth: float) -> dict[str, float]:
