@@ -67,12 +67,32 @@ class HGRN2CLI(LightningCLI):
                 ) from None
 
 
+def _refused_config(error: ValueError) -> str | None:
+    """The class's own message when a model or DataModule refused its config: jsonargparse wraps it, with the whole
+    config and a traceback, in an error that lists what each member of the union (the class, or None) said."""
+    lines = str(error).splitlines()
+    if not lines or not lines[0].startswith("Does not validate against any of the Union subtypes"):
+        return None
+    reasons = [line[4:] for line in lines if line.startswith("  - ") and "Expected a <class 'NoneType'>" not in line]
+    return reasons[0] if reasons else None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard's optional TensorFlow import is noisy
     if args and args[0] in TOOLS:
         CLI(TOOLS[args[0]], args=args[1:], as_positional=False)
         return
+    try:
+        _run_cli(argv)
+    except ValueError as error:
+        reason = _refused_config(error)
+        if reason is None:
+            raise
+        raise SystemExit(f"error: {reason}") from None
+
+
+def _run_cli(argv: list[str] | None) -> None:
     HGRN2CLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -136,6 +136,16 @@ def test_unknown_config_key_is_named(tmp_path, corpus, capsys):
     assert "d_modle" in capsys.readouterr().err
 
 
+def test_a_refused_config_value_is_its_own_message_not_jsonargparse_dump(tmp_path, corpus):
+    """jsonargparse reports a class that refused its config with the whole config and a traceback; the CLI stops
+    with the class's own message instead."""
+    config, _ = tiny_lm_config(tmp_path, corpus)
+    with pytest.raises(SystemExit, match=r"^error: optim.lr must be positive, got -1.0$"):
+        main(["fit", "--config", str(config), "--model.init_args.optim.lr", "-1"])
+    with pytest.raises(SystemExit, match=r"^error: backbone sizes must be positive, got .*'expand_ratio': 0"):
+        main(["fit", "--config", str(config), "--model.init_args.backbone.expand_ratio", "0"])
+
+
 def test_missing_corpus_is_named(tmp_path):
     config, _ = tiny_lm_config(tmp_path, str(tmp_path / "missing/*.txt"))
     with pytest.raises(FileNotFoundError, match="matches no file"):
