@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard's optional TensorFlow import is noisy
     if args and args[0] in TOOLS:
-        CLI(TOOLS[args[0]], args=args[1:], as_positional=False)
+        try:
+            CLI(TOOLS[args[0]], args=args[1:], as_positional=False)
+        except (ValueError, FileNotFoundError) as error:  # what the tools raise about their inputs, worded for users
+            raise SystemExit(f"error: {error}") from None
         return
     try:
         _run_cli(argv)

@@ -100,7 +100,7 @@ def test_prepare_text_command_as_the_readme_gives_it(tmp_path, corpus, word_toke
     monkeypatch.chdir(elsewhere)
     data = TextDataModule(source=str(tmp_path / "tokens"), tokenizer=None, seq_len=8, batch_size=2)
     assert data.vocab_size == HFTokenizer(str(word_tokenizer)).vocab_size
-    with pytest.raises(FileNotFoundError, match="--train 'nothing/\\*.txt' matches no file"):
+    with pytest.raises(SystemExit, match="^error: --train 'nothing/\\*.txt' matches no file"):
         main(["prepare-text", "--train", "nothing/*.txt", "--out", "unused"])
 
 
