@@ -473,10 +473,12 @@ def _fwd_output_kernel(
 ):
     """LAUNCH: ONE_LAUNCH at C 32, where the fallback's code inline cost the anchored chunks nothing measurable and a
     second launch cost 12-24 us (kernels/NOTES.md, ninth session); ANCHORED_LAUNCH then FALLBACK_LAUNCH at C 64,
-    where it spills (kernels/triton_scan.py, `scan_fwd`). SEEDED: the
-    chunk states are a segmented walk's local ones; the true state at a chunk's start is local + exp(D) seed, D the
-    gate sum since its segment's start and seed the segment's true start (`_Walks.carry`), so the correction is one
-    more product, (q exp(G + D)) seed, instead of a carry pass that reads and writes every chunk state."""
+    where it spills (kernels/triton_scan.py, `scan_fwd`).
+
+    SEEDED: the chunk states are a segmented walk's local ones; the true state at a chunk's start is local + exp(D)
+    seed, D the gate sum since its segment's start and seed the segment's true start (`_Walks.carry`), so the
+    correction is one more product, (q exp(G + D)) seed, instead of a carry pass that reads and writes every chunk
+    state."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
