@@ -109,6 +109,8 @@ class Generator:
         arguments go to `Generator` (cuda_graph, compile_step, prefill_chunk, max_prompt_tokens).
         """
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' but this machine has no usable CUDA GPU: use device 'cpu' or 'auto'")
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"

@@ -18,6 +18,7 @@ The two models compute the same function, with three twists the mapping absorbs 
 
 import json
 import math
+import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -329,7 +330,13 @@ def load_language_model(path: str | Path, tokenizer: str | None = None) -> Langu
             f"(e.g. runs/lm-demo/checkpoints/last.ckpt) or an fla checkpoint folder"
         )
     # Memory-mapped: the optimizer state in the file is never read.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (torch.load: {str(error).splitlines()[0]}): give a .ckpt written "
+            f"by `hgrn2 fit` (a file cut short by a crash is not one: the run's previous checkpoint is)"
+        ) from None
     hparams = checkpoint.get("hyper_parameters", {})
     if not {"backbone", "vocab_size", "tokenizer"} <= hparams.keys():
         raise ValueError(

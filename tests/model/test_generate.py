@@ -217,6 +217,12 @@ def test_bad_requests_get_clear_errors(tmp_path):
     torch.save({"hyper_parameters": {"num_classes": 10}, "state_dict": {}}, tmp_path / "vision.ckpt")
     with pytest.raises(ValueError, match="not a language-model checkpoint"):
         Generator.from_checkpoint(tmp_path / "vision.ckpt", device="cpu")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "lm.ckpt").read_bytes()[:1000])  # a write cut short
+    with pytest.raises(ValueError, match=r"cut.ckpt is not a readable checkpoint \(torch.load: "):
+        Generator.from_checkpoint(tmp_path / "cut.ckpt", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' but this machine has no usable CUDA GPU"):
+            Generator.from_checkpoint(tmp_path / "lm.ckpt", device="cuda")
 
 
 # ---- GPU: the Triton decode step, CUDA graphs, bf16 ------------------------------------------------------
