@@ -31,15 +31,6 @@ INFERENCE_CHUNK = 64
 """Tokens per chunk of a forward no backward follows, where `_forward_chunk` says: half the chunk states to write
 and read back."""
 
-
-def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
-    """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for bfloat16 heads of 128-wide tiles (the
-    record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK. 64-wide heads lose at 64 (the
-    ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output kernel that pass the 227 KiB of
-    shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/NOTES.md, ninth session)."""
-    if backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128:
-        return CHUNK
-    return INFERENCE_CHUNK
 POISON_OUTPUTS = False
 """Tests set this: outputs then start as NaN, so an element a kernel forgot to write shows."""
 
@@ -169,6 +160,16 @@ class _Walks:
 def _block(n: int) -> int:
     """Tile width for a head dim: a power of two, at least 16 (the matmul minimum)."""
     return max(16, _next_power_of_2(n))
+
+
+def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
+    """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for bfloat16 heads of 128-wide tiles (the
+    record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK. 64-wide heads lose at 64 (the
+    ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output kernel that pass the 227 KiB of
+    shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/NOTES.md, ninth session)."""
+    if backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128:
+        return CHUNK
+    return INFERENCE_CHUNK
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
@@ -499,7 +500,7 @@ def _small_scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, la
             states if states.numel() else _empty(layout.n_states, H, K, V, dtype=torch.float32, device=q.device), dq,
             df, dv, db_sequences, dh0,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, H=H, K=K, V=V,
-            C=CHUNK, HAS_BOUND=lower_bound is not None, HAS_H0=initial_state is not None,
+            C=layout.chunk, HAS_BOUND=lower_bound is not None, HAS_H0=initial_state is not None,
             HAS_DFINAL=d_final is not None, WRITE_DH0=dh0.numel() > 0, STATES_KEPT=states.numel() > 0,
             IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
         )

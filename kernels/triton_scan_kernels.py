@@ -289,6 +289,13 @@ def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
+def _mark_for_the_fallback(flags, i_c, i_h, H: tl.constexpr, anchored):
+    """The first launch of a chunk-parallel kernel leaves chunk i_c of head i_h to the fallback launch unless
+    `anchored` (every program writes its byte: the buffer needs no zeroing)."""
+    tl.store(flags + i_c * H + i_h, (~anchored).to(tl.int8))
+
+
+@triton.jit
 def _left_to_the_fallback(flags, i_c, i_h, H: tl.constexpr):
     """Whether the first launch of a chunk-parallel kernel left chunk i_c of head i_h to the fallback launch."""
     return tl.load(flags + i_c * H + i_h) != 0
@@ -313,7 +320,8 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def _intra_grads_by_halves(q, k, G, dA, offs_c, C: tl.constexpr, OPERAND_DT: tl.constexpr,
                            PRECISION: tl.constexpr):
-    """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the halves' matmuls, as `_scores` takes them."""
+    """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the halves' matmuls, as `_fallback_scores` takes
+    the scores."""
     G_half = _half_anchors(G, offs_c, C, 1)
     up, down = _exp(G - G_half), _exp(G_half - G)
     dA_within = tl.where(_same_half(offs_c, C), dA, 0.0).to(OPERAND_DT)
@@ -497,7 +505,7 @@ def _fwd_output_kernel(
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
         if LAUNCH == ANCHORED_LAUNCH:
-            tl.store(flags + i_c * H + i_h, (~anchored).to(tl.int8))
+            _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
             if not anchored:
                 return
             A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
@@ -635,10 +643,9 @@ def _bwd_kernel(
 ):
     """Launched twice. The first launch (ANCHORED_LAUNCH) does the chunks whose intra-chunk pairs one anchor spans
     (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by halves or
-    elementwise
-    (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and spills even
-    though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the elementwise path
-    inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
+    elementwise (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and
+    spills even though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the
+    elementwise path inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
 
     Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
@@ -671,7 +678,7 @@ def _bwd_kernel(
         A, halves = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1)
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 1)
-        tl.store(flags + i_c * H + i_h, (~anchored).to(tl.int8))
+        _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
         if not anchored:
             return
         q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)

@@ -292,9 +292,10 @@ def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     """The GPU runs these in bfloat16 with heads of 128, which the dispatch gives chunks of 64. The interpreter runs
     float32 heads of 16, which it keeps at 32 (`_forward_chunk`): the chunk of 64 is forced there."""
     dtype, K = (torch.bfloat16, 128) if GPU else (torch.float32, 16)
-    if not GPU:
+    if GPU:
+        assert triton_scan._forward_chunk(dtype, K, K, backward=False) == triton_scan.INFERENCE_CHUNK
+    else:
         monkeypatch.setattr(triton_scan, "_forward_chunk", lambda *args, **kwargs: triton_scan.INFERENCE_CHUNK)
-    assert triton_scan._forward_chunk(dtype, K, K, backward=False) == triton_scan.INFERENCE_CHUNK
     assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
 
 
