@@ -231,60 +231,96 @@ def _pair_sums(a, b, PRECISION: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _half_anchors(G, offs_c, C: tl.constexpr, AXIS: tl.constexpr):
-    """G at the middle of each position's half of the chunk, as a tile like G."""
-    first = _per_channel(_position(G, offs_c, C // 4 - 1, AXIS), AXIS)
-    second = _per_channel(_position(G, offs_c, 3 * C // 4 - 1, AXIS), AXIS)
-    return tl.where(_per_position(offs_c >= C // 2, AXIS), second, first)
+def _block_anchors(G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
+    """G at the middle of each position's block of BLOCK positions, as a tile like G."""
+    anchors = _per_channel(_position(G, offs_c, BLOCK // 2 - 1, AXIS), AXIS)
+    for j in tl.static_range(1, C // BLOCK):
+        anchor = _per_channel(_position(G, offs_c, j * BLOCK + BLOCK // 2 - 1, AXIS), AXIS)
+        anchors = tl.where(_per_position(offs_c // BLOCK == j, AXIS), anchor, anchors)
+    return anchors
 
 
 @triton.jit
-def _halves(G, offs_c, valid, C: tl.constexpr, AXIS: tl.constexpr):
-    """Whether a chunk that one anchor cannot span can be split in halves, each anchored at its own middle: every
-    |G - G_h| within range, G_h the `_half_anchors`. Each anchor spans half the steps, so gates twice as steep in
-    log pass (at C 32 down to about exp(-5) a step, against exp(-2.5)); the pairs across the halves need no check
-    (`_across_halves`)."""
-    spread = tl.max(tl.max(tl.where(_per_position(valid, AXIS), tl.abs(G - _half_anchors(G, offs_c, C, AXIS)), 0.0),
-                           axis=1), axis=0)
+def _anchored_by_blocks(G, offs_c, valid, BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
+    """Whether a chunk that one anchor cannot span can be cut into blocks of BLOCK positions, each anchored at its own
+    middle: every |G - G_j| within range, G_j the `_block_anchors`. An anchor of half the span passes gates twice as
+    steep in log (halves at C 32: down to about exp(-5) a step, against exp(-2.5) for one anchor); the pairs across
+    blocks need no check (`_across_blocks`)."""
+    spread = tl.max(tl.max(tl.where(_per_position(valid, AXIS),
+                                    tl.abs(G - _block_anchors(G, offs_c, BLOCK, C, AXIS)), 0.0), axis=1), axis=0)
     return spread <= ANCHOR_RANGE
 
 
 @triton.jit
-def _same_half(offs_c, C: tl.constexpr):
-    """The [C, C] pairs whose positions lie in the same half of the chunk."""
-    return (offs_c[:, None] >= C // 2) == (offs_c[None, :] >= C // 2)
+def _same_block(offs_c, BLOCK: tl.constexpr):
+    """The [C, C] pairs whose positions lie in the same block of BLOCK positions."""
+    return (offs_c[:, None] // BLOCK) == (offs_c[None, :] // BLOCK)
 
 
 @triton.jit
-def _across_halves(G, offs_c, C: tl.constexpr, AXIS: tl.constexpr):
-    """The two factors of the decay of a pair across the halves (query in the second half, key in the first):
-    exp(G - G_b) on the second half's positions and exp(G_b - G) on the first's, zero on the other, G_b at the
-    first half's last position. Each is at most 1 whatever the gates, so this needs no range check."""
-    G_b = _per_channel(_position(G, offs_c, C // 2 - 1, AXIS), AXIS)
-    second = _per_position(offs_c >= C // 2, AXIS)
-    return (tl.where(second, _exp(tl.minimum(G - G_b, 0.0)), 0.0),
-            tl.where(second, 0.0, _exp(tl.minimum(G_b - G, 0.0))))
+def _across_blocks(G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
+    """The two factors of the decay of a pair across two neighbouring blocks of BLOCK positions that together make one
+    block of 2 BLOCK (query in the second, key in the first): exp(G - G_b) on the second blocks' positions and
+    exp(G_b - G) on the first blocks', zero on the others, G_b at the first block's last position. Each is at most 1
+    whatever the gates, so this needs no range check; their pair sums hold only within one block of 2 BLOCK."""
+    boundaries = _per_channel(_position(G, offs_c, BLOCK - 1, AXIS), AXIS)
+    for j in tl.static_range(1, C // (2 * BLOCK)):
+        boundary = _per_channel(_position(G, offs_c, (2 * j + 1) * BLOCK - 1, AXIS), AXIS)
+        boundaries = tl.where(_per_position(offs_c // (2 * BLOCK) == j, AXIS), boundary, boundaries)
+    second = _per_position((offs_c // BLOCK) % 2 == 1, AXIS)
+    return (tl.where(second, _exp(tl.minimum(G - boundaries, 0.0)), 0.0),
+            tl.where(second, 0.0, _exp(tl.minimum(boundaries - G, 0.0))))
+
+
+@triton.jit
+def _scores_by_blocks(q, k, G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, OPERAND_DT: tl.constexpr,
+                      PRECISION: tl.constexpr, AXIS: tl.constexpr):
+    """The intra-chunk scores of a chunk cut into anchored blocks of BLOCK positions (`_anchored_by_blocks`): one
+    matmul for the pairs within a block, then one for each level of pairs across blocks, BLOCK, 2 BLOCK, ... C / 2
+    (`_across_blocks`). Halves or quarters."""
+    tl.static_assert(C // BLOCK <= 4)
+    G_block = _block_anchors(G, offs_c, BLOCK, C, AXIS)
+    A = tl.where(_same_block(offs_c, BLOCK), _pair_sums((q * _exp(G - G_block)).to(OPERAND_DT),
+                                                       (k * _exp(G_block - G)).to(OPERAND_DT), PRECISION, AXIS), 0.0)
+    for level in tl.static_range(2):
+        if (BLOCK << level) < C:
+            q_across, k_across = _across_blocks(G, offs_c, BLOCK << level, C, AXIS)
+            across = _pair_sums((q * q_across).to(OPERAND_DT), (k * k_across).to(OPERAND_DT), PRECISION, AXIS)
+            if (BLOCK << (level + 1)) < C:
+                across = tl.where(_same_block(offs_c, BLOCK << (level + 1)), across, 0.0)
+            A += across
+    return A
+
+
+@triton.jit
+def _scores_elementwise(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr, AXIS: tl.constexpr):
+    """`_scores_exact` for tiles with positions along AXIS."""
+    if AXIS == 0:
+        A = _scores_exact(q, k, G, offs_c, C, BK)
+    else:
+        A = _scores_exact(tl.trans(q), tl.trans(k), tl.trans(G), offs_c, C, BK)
+    return A
 
 
 @triton.jit
 def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
                      PRECISION: tl.constexpr, AXIS: tl.constexpr):
     """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk that one anchor cannot span (the caller
-    masks), from float32 q, k with positions along AXIS, and whether it took the halves: when they are anchored
-    (`_halves`), one matmul within each half and one across them; else elementwise, 10x slower than the anchored
-    matmul (the output kernel at the record shape: 5.6 ms against 0.56, H100, kernels/NOTES.md, ninth session)."""
-    halves = _halves(G, offs_c, valid, C, AXIS)
+    masks), from float32 q, k with positions along AXIS, and whether it took the halves: halves anchored at their
+    own middles where they are (`_anchored_by_blocks`), else, at C 64, quarters (so that a chunk of 64 spans the gates
+    a chunk of 32 does: the no-grad forward at the record shape with forget logits N(-2, 1) and no bound took 11.8 ms
+    elementwise, against 0.86 at N(0, 1), H100, kernels/NOTES.md, tenth session); else elementwise, 10x slower than
+    the anchored matmul (the output kernel at the record shape: 5.6 ms against 0.56, ninth session)."""
+    halves = _anchored_by_blocks(G, offs_c, valid, C // 2, C, AXIS)
     if halves:
-        G_half = _half_anchors(G, offs_c, C, AXIS)
-        within = _pair_sums((q * _exp(G - G_half)).to(OPERAND_DT), (k * _exp(G_half - G)).to(OPERAND_DT),
-                            PRECISION, AXIS)
-        q_across, k_across = _across_halves(G, offs_c, C, AXIS)
-        A = tl.where(_same_half(offs_c, C), within, 0.0) + _pair_sums(
-            (q * q_across).to(OPERAND_DT), (k * k_across).to(OPERAND_DT), PRECISION, AXIS)
-    elif AXIS == 0:
-        A = _scores_exact(q, k, G, offs_c, C, BK)
+        A = _scores_by_blocks(q, k, G, offs_c, C // 2, C, OPERAND_DT, PRECISION, AXIS)
+    elif C >= 64:
+        if _anchored_by_blocks(G, offs_c, valid, C // 4, C, AXIS):
+            A = _scores_by_blocks(q, k, G, offs_c, C // 4, C, OPERAND_DT, PRECISION, AXIS)
+        else:
+            A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
     else:
-        A = _scores_exact(tl.trans(q), tl.trans(k), tl.trans(G), offs_c, C, BK)
+        A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
     return A, halves
 
 
@@ -322,10 +358,10 @@ def _intra_grads_by_halves(q, k, G, dA, offs_c, C: tl.constexpr, OPERAND_DT: tl.
                            PRECISION: tl.constexpr):
     """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the halves' matmuls, as `_fallback_scores` takes
     the scores."""
-    G_half = _half_anchors(G, offs_c, C, 1)
+    G_half = _block_anchors(G, offs_c, C // 2, C, 1)
     up, down = _exp(G - G_half), _exp(G_half - G)
-    dA_within = tl.where(_same_half(offs_c, C), dA, 0.0).to(OPERAND_DT)
-    q_across, k_across = _across_halves(G, offs_c, C, 1)
+    dA_within = tl.where(_same_block(offs_c, C // 2), dA, 0.0).to(OPERAND_DT)
+    q_across, k_across = _across_blocks(G, offs_c, C // 2, C, 1)
     dA = dA.to(OPERAND_DT)
     dq = (up * tl.dot((k * down).to(OPERAND_DT), tl.trans(dA_within), input_precision=PRECISION)
           + q_across * tl.dot((k * k_across).to(OPERAND_DT), tl.trans(dA), input_precision=PRECISION))
