@@ -23,7 +23,8 @@ by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan
 Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
 chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
 leaves float range, which the kernel checks per chunk (|G - G_m| <= 40); a chunk with a wider gate
-range (gates near 0 without a lower bound) takes an exact elementwise path instead.
+range (gates near 0 without a lower bound) is cut into halves or quarters anchored at their own middles, and
+takes an exact elementwise path only where those are too wide as well (`_fallback_scores`).
 """
 
 import os
@@ -42,7 +43,7 @@ ONE_LAUNCH = tl.constexpr(0)
 ANCHORED_LAUNCH = tl.constexpr(1)
 """The first of two launches: the chunks one anchor spans; the others are marked in `flags` and left."""
 FALLBACK_LAUNCH = tl.constexpr(2)
-"""The second: only the chunks the first marked, by halves or elementwise (`_fallback_scores`)."""
+"""The second: only the chunks the first marked, by halves, quarters or elementwise (`_fallback_scores`)."""
 FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 """The GPU's approximate logarithm (the interpreter has no libdevice fast_logf; the GPU tests cover it)."""
 
@@ -304,24 +305,29 @@ def _scores_elementwise(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr, AXIS
 
 @triton.jit
 def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                     PRECISION: tl.constexpr, AXIS: tl.constexpr):
+                     PRECISION: tl.constexpr, AXIS: tl.constexpr, QUARTERS: tl.constexpr):
     """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk that one anchor cannot span (the caller
-    masks), from float32 q, k with positions along AXIS, and whether it took the halves: halves anchored at their
-    own middles where they are (`_anchored_by_blocks`), else, at C 64, quarters (so that a chunk of 64 spans the gates
-    a chunk of 32 does: the no-grad forward at the record shape with forget logits N(-2, 1) and no bound took 11.8 ms
-    elementwise, against 0.86 at N(0, 1), H100, kernels/NOTES.md, tenth session); else elementwise, 10x slower than
-    the anchored matmul (the output kernel at the record shape: 5.6 ms against 0.56, ninth session)."""
-    halves = _anchored_by_blocks(G, offs_c, valid, C // 2, C, AXIS)
-    if halves:
+    masks), from float32 q, k with positions along AXIS, and how many blocks it took (`_anchored_by_blocks`): halves
+    anchored at their own middles where they are, else quarters, else elementwise (0), 10x slower than the anchored
+    matmul (the output kernel at the record shape: 5.6 ms against 0.56, ninth session). Each level passes gates
+    twice as steep: at C 64 the quarters span what the halves do at C 32 (the no-grad forward at the record shape,
+    forget logits N(-2, 1) and no bound: 11.8 ms elementwise, 1.47 by quarters, H100, kernels/NOTES.md, tenth
+    session). QUARTERS false leaves them out: inline in the output kernel's one launch at C 32 they cost its anchored
+    chunks 6% (spills)."""
+    if _anchored_by_blocks(G, offs_c, valid, C // 2, C, AXIS):
         A = _scores_by_blocks(q, k, G, offs_c, C // 2, C, OPERAND_DT, PRECISION, AXIS)
-    elif C >= 64:
+        blocks = 2
+    elif QUARTERS:
         if _anchored_by_blocks(G, offs_c, valid, C // 4, C, AXIS):
             A = _scores_by_blocks(q, k, G, offs_c, C // 4, C, OPERAND_DT, PRECISION, AXIS)
+            blocks = 4
         else:
             A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
+            blocks = 0
     else:
         A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
-    return A, halves
+        blocks = 0
+    return A, blocks
 
 
 @triton.jit
@@ -354,19 +360,25 @@ def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _intra_grads_by_halves(q, k, G, dA, offs_c, C: tl.constexpr, OPERAND_DT: tl.constexpr,
+def _intra_grads_by_blocks(q, k, G, dA, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, OPERAND_DT: tl.constexpr,
                            PRECISION: tl.constexpr):
-    """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the halves' matmuls, as `_fallback_scores` takes
+    """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the blocks' matmuls, as `_scores_by_blocks` takes
     the scores."""
-    G_half = _block_anchors(G, offs_c, C // 2, C, 1)
-    up, down = _exp(G - G_half), _exp(G_half - G)
-    dA_within = tl.where(_same_block(offs_c, C // 2), dA, 0.0).to(OPERAND_DT)
-    q_across, k_across = _across_blocks(G, offs_c, C // 2, C, 1)
-    dA = dA.to(OPERAND_DT)
-    dq = (up * tl.dot((k * down).to(OPERAND_DT), tl.trans(dA_within), input_precision=PRECISION)
-          + q_across * tl.dot((k * k_across).to(OPERAND_DT), tl.trans(dA), input_precision=PRECISION))
-    dk = (down * tl.dot((q * up).to(OPERAND_DT), dA_within, input_precision=PRECISION)
-          + k_across * tl.dot((q * q_across).to(OPERAND_DT), dA, input_precision=PRECISION))
+    tl.static_assert(C // BLOCK <= 4)
+    G_block = _block_anchors(G, offs_c, BLOCK, C, 1)
+    up, down = _exp(G - G_block), _exp(G_block - G)
+    dA_within = tl.where(_same_block(offs_c, BLOCK), dA, 0.0).to(OPERAND_DT)
+    dq = up * tl.dot((k * down).to(OPERAND_DT), tl.trans(dA_within), input_precision=PRECISION)
+    dk = down * tl.dot((q * up).to(OPERAND_DT), dA_within, input_precision=PRECISION)
+    for level in tl.static_range(2):
+        if (BLOCK << level) < C:
+            q_across, k_across = _across_blocks(G, offs_c, BLOCK << level, C, 1)
+            dA_across = dA
+            if (BLOCK << (level + 1)) < C:
+                dA_across = tl.where(_same_block(offs_c, BLOCK << (level + 1)), dA, 0.0)
+            dA_across = dA_across.to(OPERAND_DT)
+            dq += q_across * tl.dot((k * k_across).to(OPERAND_DT), tl.trans(dA_across), input_precision=PRECISION)
+            dk += k_across * tl.dot((q * q_across).to(OPERAND_DT), dA_across, input_precision=PRECISION)
     return dq, dk
 
 
@@ -537,7 +549,7 @@ def _fwd_output_kernel(
                                    offs_c, C, 0)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
-        A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0)[0]
+        A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, True)[0]
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
         if LAUNCH == ANCHORED_LAUNCH:
@@ -548,7 +560,7 @@ def _fwd_output_kernel(
         elif anchored:
             A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
         else:
-            A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0)[0]
+            A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, False)[0]
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_decayed = q_t * _exp(G) * scale
     q_inter = q_decayed.to(WIDE_DT)
@@ -678,8 +690,8 @@ def _bwd_kernel(
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, LAUNCH: tl.constexpr,
 ):
     """Launched twice. The first launch (ANCHORED_LAUNCH) does the chunks whose intra-chunk pairs one anchor spans
-    (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by halves or
-    elementwise (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and
+    (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by halves, quarters
+    or elementwise (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and
     spills even though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the
     elementwise path inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
 
@@ -711,7 +723,7 @@ def _bwd_kernel(
                                                 offs_c, C, 1)
     q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
-        A, halves = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1)
+        A, blocks = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1, True)
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 1)
         _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
@@ -760,9 +772,12 @@ def _bwd_kernel(
     if LAUNCH == ANCHORED_LAUNCH:
         dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
         dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)
-    elif halves:
-        dq_halves, dk_intra = _intra_grads_by_halves(q_t, k, G, dA, offs_c, C, ANCHORED_DT, PRECISION)
-        dq_t += dq_halves
+    elif blocks == 2:
+        dq_blocks, dk_intra = _intra_grads_by_blocks(q_t, k, G, dA, offs_c, C // 2, C, ANCHORED_DT, PRECISION)
+        dq_t += dq_blocks
+    elif blocks == 4:
+        dq_blocks, dk_intra = _intra_grads_by_blocks(q_t, k, G, dA, offs_c, C // 4, C, ANCHORED_DT, PRECISION)
+        dq_t += dq_blocks
     else:
         dq_intra, dk_intra_ck = _intra_grads_exact(tl.trans(q_t), tl.trans(k), tl.trans(G), dA, offs_c, C, BK)
         dq_t += tl.trans(dq_intra)

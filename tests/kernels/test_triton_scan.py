@@ -84,6 +84,8 @@ INTERPRETER_CASES = {
     # log(lambda) about -3 a step: 48 over the 16 steps from a chunk's middle to its end, past one anchor's range of
     # 40; 24 within a half, so the chunks take the halves' matmuls
     "gates at exp(-3), by halves": dict(T=100, H=1, gate_shift=-3.0, gate_scale=0.1, bounded=False),
+    # about -6 a step: 48 over the 8 steps from a half's middle to its end, 24 within a quarter
+    "gates at exp(-6), by quarters": dict(T=100, H=1, gate_shift=-6.0, gate_scale=0.1, bounded=False),
     "packed sequences": dict(B=1, T=200, H=1, lengths=[5, 1, 64, 65, 65]),
     "packed sequences reverse": dict(B=1, T=140, H=1, lengths=[70, 3, 67], reverse=True),
     "head dim 1": dict(T=70, H=3, K=1),  # this and the next five: the small-head kernels
@@ -339,6 +341,7 @@ GPU_CASES = {
     "gates near 0": dict(T=500, gate_shift=-20.0, bounded=False),
     "gates near 1": dict(T=500, gate_shift=8.0),
     "gates at exp(-3), by halves": dict(T=500, gate_shift=-3.0, gate_scale=0.1, bounded=False),
+    "gates at exp(-6), by quarters": dict(T=500, gate_shift=-6.0, gate_scale=0.1, bounded=False),
     "no initial state": dict(T=500, initial_state=False),
     "reverse": dict(T=777, reverse=True),
     "reverse recomputed": dict(T=777, reverse=True, recompute_states=True),
