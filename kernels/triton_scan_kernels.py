@@ -23,8 +23,8 @@ by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan
 Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
 chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
 leaves float range, which the kernel checks per chunk (|G - G_m| <= 40); a chunk with a wider gate
-range (gates near 0 without a lower bound) is cut into halves or quarters anchored at their own middles, and
-takes an exact elementwise path only where those are too wide as well (`_fallback_scores`).
+range (gates near 0 without a lower bound) is cut into halves, quarters (or eighths) anchored at their own
+middles, and takes an exact elementwise path only where blocks of 8 are too wide as well (`_fallback_scores`).
 """
 
 import os
@@ -38,12 +38,17 @@ FLOAT32_TINY = tl.constexpr(1.1754944e-38)
 ANCHOR_RANGE = tl.constexpr(40.0)
 """Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
 LOG2_E = tl.constexpr(1.4426950408889634)
+SMALLEST_BLOCK = tl.constexpr(8)
+"""The fallback's finest blocks (`_fallback_scores`): 4 steps each way from their anchor, gates down to about
+exp(-10) a step."""
+MAX_LEVELS = tl.constexpr(3)
+"""Levels of blocks a chunk of at most 64 is cut into before SMALLEST_BLOCK: halves, quarters, eighths."""
 ONE_LAUNCH = tl.constexpr(0)
 """A chunk-parallel kernel launched once: every chunk, its fallback path inline."""
 ANCHORED_LAUNCH = tl.constexpr(1)
 """The first of two launches: the chunks one anchor spans; the others are marked in `flags` and left."""
 FALLBACK_LAUNCH = tl.constexpr(2)
-"""The second: only the chunks the first marked, by halves, quarters or elementwise (`_fallback_scores`)."""
+"""The second: only the chunks the first marked, by anchored blocks or elementwise (`_fallback_scores`)."""
 FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 """The GPU's approximate logarithm (the interpreter has no libdevice fast_logf; the GPU tests cover it)."""
 
@@ -278,12 +283,11 @@ def _scores_by_blocks(q, k, G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, OPE
                       PRECISION: tl.constexpr, AXIS: tl.constexpr):
     """The intra-chunk scores of a chunk cut into anchored blocks of BLOCK positions (`_anchored_by_blocks`): one
     matmul for the pairs within a block, then one for each level of pairs across blocks, BLOCK, 2 BLOCK, ... C / 2
-    (`_across_blocks`). Halves or quarters."""
-    tl.static_assert(C // BLOCK <= 4)
+    (`_across_blocks`)."""
     G_block = _block_anchors(G, offs_c, BLOCK, C, AXIS)
     A = tl.where(_same_block(offs_c, BLOCK), _pair_sums((q * _exp(G - G_block)).to(OPERAND_DT),
                                                        (k * _exp(G_block - G)).to(OPERAND_DT), PRECISION, AXIS), 0.0)
-    for level in tl.static_range(2):
+    for level in tl.static_range(MAX_LEVELS):
         if (BLOCK << level) < C:
             q_across, k_across = _across_blocks(G, offs_c, BLOCK << level, C, AXIS)
             across = _pair_sums((q * q_across).to(OPERAND_DT), (k * k_across).to(OPERAND_DT), PRECISION, AXIS)
@@ -304,30 +308,56 @@ def _scores_elementwise(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr, AXIS
 
 
 @triton.jit
+def _anchored_block(G, offs_c, valid, SMALLEST_BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
+    """The widest blocks, C / 2, C / 4, ... down to SMALLEST_BLOCK positions, that can all be anchored at their own
+    middles (`_anchored_by_blocks`): their size, or 0 where none can. Each level passes gates twice as steep in log."""
+    block = 0
+    for level in tl.static_range(1, MAX_LEVELS + 1):
+        if (C >> level) >= SMALLEST_BLOCK:
+            if block == 0:
+                if _anchored_by_blocks(G, offs_c, valid, C >> level, C, AXIS):
+                    block = C >> level
+    return block
+
+
+@triton.jit
 def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                     PRECISION: tl.constexpr, AXIS: tl.constexpr, QUARTERS: tl.constexpr):
+                     PRECISION: tl.constexpr, AXIS: tl.constexpr, SMALLEST_BLOCK: tl.constexpr):
     """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk that one anchor cannot span (the caller
-    masks), from float32 q, k with positions along AXIS, and how many blocks it took (`_anchored_by_blocks`): halves
-    anchored at their own middles where they are, else quarters, else elementwise (0), 10x slower than the anchored
-    matmul (the output kernel at the record shape: 5.6 ms against 0.56, ninth session). Each level passes gates
-    twice as steep: at C 64 the quarters span what the halves do at C 32 (the no-grad forward at the record shape,
-    forget logits N(-2, 1) and no bound: 11.8 ms elementwise, 1.47 by quarters, H100, kernels/NOTES.md, tenth
-    session). QUARTERS false leaves them out: inline in the output kernel's one launch at C 32 they cost its anchored
-    chunks 6% (spills)."""
-    if _anchored_by_blocks(G, offs_c, valid, C // 2, C, AXIS):
-        A = _scores_by_blocks(q, k, G, offs_c, C // 2, C, OPERAND_DT, PRECISION, AXIS)
-        blocks = 2
-    elif QUARTERS:
-        if _anchored_by_blocks(G, offs_c, valid, C // 4, C, AXIS):
-            A = _scores_by_blocks(q, k, G, offs_c, C // 4, C, OPERAND_DT, PRECISION, AXIS)
-            blocks = 4
-        else:
-            A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
-            blocks = 0
-    else:
+    masks), from float32 q, k with positions along AXIS, and the size of the blocks it took (`_anchored_block`; 0:
+    elementwise, 10x slower than the anchored matmul: the output kernel at the record shape 5.6 ms against 0.56,
+    ninth session). The no-grad forward's chunks of 64 at the record shape with forget logits N(-2, 1) and no bound
+    took 11.8 ms elementwise, 1.47 by quarters (H100, kernels/NOTES.md, tenth session). SMALLEST_BLOCK C / 2 keeps
+    only the halves: the output kernel's single launch at C 32, whose anchored chunks the finer levels' code inline
+    cost 6% (spills)."""
+    block = _anchored_block(G, offs_c, valid, SMALLEST_BLOCK, C, AXIS)
+    if block == 0:
         A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
-        blocks = 0
-    return A, blocks
+    else:
+        A = tl.zeros([C, C], dtype=tl.float32)
+        for level in tl.static_range(1, MAX_LEVELS + 1):
+            if (C >> level) >= SMALLEST_BLOCK:
+                if block == C >> level:
+                    A = _scores_by_blocks(q, k, G, offs_c, C >> level, C, OPERAND_DT, PRECISION, AXIS)
+    return A, block
+
+
+@triton.jit
+def _fallback_intra_grads(q, k, G, dA, offs_c, block, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
+                          PRECISION: tl.constexpr, SMALLEST_BLOCK: tl.constexpr):
+    """The intra-chunk dq and dk ([K, C] tiles) of a chunk `_fallback_scores` took by blocks of `block` positions,
+    or elementwise (0)."""
+    if block == 0:
+        dq_ck, dk_ck = _intra_grads_exact(tl.trans(q), tl.trans(k), tl.trans(G), dA, offs_c, C, BK)
+        dq, dk = tl.trans(dq_ck), tl.trans(dk_ck)
+    else:
+        dq = tl.zeros([BK, C], dtype=tl.float32)
+        dk = tl.zeros([BK, C], dtype=tl.float32)
+        for level in tl.static_range(1, MAX_LEVELS + 1):
+            if (C >> level) >= SMALLEST_BLOCK:
+                if block == C >> level:
+                    dq, dk = _intra_grads_by_blocks(q, k, G, dA, offs_c, C >> level, C, OPERAND_DT, PRECISION)
+    return dq, dk
 
 
 @triton.jit
@@ -364,13 +394,12 @@ def _intra_grads_by_blocks(q, k, G, dA, offs_c, BLOCK: tl.constexpr, C: tl.const
                            PRECISION: tl.constexpr):
     """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the blocks' matmuls, as `_scores_by_blocks` takes
     the scores."""
-    tl.static_assert(C // BLOCK <= 4)
     G_block = _block_anchors(G, offs_c, BLOCK, C, 1)
     up, down = _exp(G - G_block), _exp(G_block - G)
     dA_within = tl.where(_same_block(offs_c, BLOCK), dA, 0.0).to(OPERAND_DT)
     dq = up * tl.dot((k * down).to(OPERAND_DT), tl.trans(dA_within), input_precision=PRECISION)
     dk = down * tl.dot((q * up).to(OPERAND_DT), dA_within, input_precision=PRECISION)
-    for level in tl.static_range(2):
+    for level in tl.static_range(MAX_LEVELS):
         if (BLOCK << level) < C:
             q_across, k_across = _across_blocks(G, offs_c, BLOCK << level, C, 1)
             dA_across = dA
@@ -549,7 +578,7 @@ def _fwd_output_kernel(
                                    offs_c, C, 0)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
-        A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, True)[0]
+        A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, SMALLEST_BLOCK)[0]
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
         if LAUNCH == ANCHORED_LAUNCH:
@@ -560,7 +589,7 @@ def _fwd_output_kernel(
         elif anchored:
             A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
         else:
-            A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, False)[0]
+            A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, C // 2)[0]
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_decayed = q_t * _exp(G) * scale
     q_inter = q_decayed.to(WIDE_DT)
@@ -690,7 +719,7 @@ def _bwd_kernel(
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, LAUNCH: tl.constexpr,
 ):
     """Launched twice. The first launch (ANCHORED_LAUNCH) does the chunks whose intra-chunk pairs one anchor spans
-    (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by halves, quarters
+    (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by anchored blocks
     or elementwise (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and
     spills even though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the
     elementwise path inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
@@ -723,7 +752,7 @@ def _bwd_kernel(
                                                 offs_c, C, 1)
     q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
-        A, blocks = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1, True)
+        A, block = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1, SMALLEST_BLOCK)
     else:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 1)
         _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
@@ -772,16 +801,10 @@ def _bwd_kernel(
     if LAUNCH == ANCHORED_LAUNCH:
         dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
         dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)
-    elif blocks == 2:
-        dq_blocks, dk_intra = _intra_grads_by_blocks(q_t, k, G, dA, offs_c, C // 2, C, ANCHORED_DT, PRECISION)
-        dq_t += dq_blocks
-    elif blocks == 4:
-        dq_blocks, dk_intra = _intra_grads_by_blocks(q_t, k, G, dA, offs_c, C // 4, C, ANCHORED_DT, PRECISION)
-        dq_t += dq_blocks
     else:
-        dq_intra, dk_intra_ck = _intra_grads_exact(tl.trans(q_t), tl.trans(k), tl.trans(G), dA, offs_c, C, BK)
-        dq_t += tl.trans(dq_intra)
-        dk_intra = tl.trans(dk_intra_ck)
+        dq_intra, dk_intra = _fallback_intra_grads(q_t, k, G, dA, offs_c, block, C, BK, ANCHORED_DT, PRECISION,
+                                                   SMALLEST_BLOCK)
+        dq_t += dq_intra
     channel_rows = (rows[None, :] * H + i_h) * K + offs_k[:, None]
     tl.store(dq + channel_rows, (dq_t + dA_diag[None, :] * k).to(dq.dtype.element_ty), mask=mask_kc)
     dk_t = dk_intra + dk_state + dA_diag[None, :] * q_t

@@ -267,6 +267,8 @@ INFERENCE_CASES = {  # a forward no backward follows runs chunks of 64 (INFERENC
     "gates at exp(-2): the second launch, by halves": dict(T=130, gate_shift=-2.0, gate_scale=0.1, bounded=False),
     # about -3 a step: 48 over the 16 steps from a half's middle, 24 within a quarter
     "gates at exp(-3): the second launch, by quarters": dict(T=130, gate_shift=-3.0, gate_scale=0.1, bounded=False),
+    # about -6 a step: 48 over the 8 steps from a quarter's middle, 24 within an eighth
+    "gates at exp(-6): the second launch, by eighths": dict(T=130, gate_shift=-6.0, gate_scale=0.1, bounded=False),
     "one walk cut into segments (seeds)": dict(B=1, H=1, T=300),
     "packed reverse": dict(B=1, T=140, lengths=[70, 3, 67], reverse=True),
 }
