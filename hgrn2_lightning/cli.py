@@ -7,6 +7,9 @@
     hgrn2 lra make-listops --out data/listops-1000 --seed 0     generate LRA ListOps in the release format
     hgrn2 import-fla --folder hgrn2-fla --out model.ckpt         an fla / Hugging Face HGRN2 folder -> checkpoint
     hgrn2 export-fla --ckpt_path model.ckpt --out hgrn2-fla      and back
+
+An input the command cannot use (a config value, a dataset's path or format, a loss gone non-finite) stops it with
+a message saying what to fix; HGRN2_TRACEBACK=1 adds the traceback.
 """
 
 import os
@@ -67,7 +70,13 @@ class HGRN2CLI(LightningCLI):
                 ) from None
 
 
-def _refused_config(error: ValueError) -> str | None:
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+"""What the project raises about a user's inputs, each worded to say what and how to fix it (a config value, a
+dataset's path or format, a non-finite loss): the command stops with the message alone, without the traceback,
+unless HGRN2_TRACEBACK is set."""
+
+
+def _refused_config(error: Exception) -> str | None:
     """The class's own message when a model or DataModule refused its config: jsonargparse wraps it, with the whole
     config and a traceback, in an error that lists what each member of the union (the class, or None) said."""
     lines = str(error).splitlines()
@@ -80,19 +89,17 @@ def _refused_config(error: ValueError) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard's optional TensorFlow import is noisy
-    if args and args[0] in TOOLS:
-        try:
-            CLI(TOOLS[args[0]], args=args[1:], as_positional=False)
-        except (ValueError, FileNotFoundError) as error:  # what the tools raise about their inputs, worded for users
-            raise SystemExit(f"error: {error}") from None
-        return
     try:
-        _run_cli(argv)
-    except ValueError as error:
-        reason = _refused_config(error)
-        if reason is None:
+        if args and args[0] in TOOLS:
+            CLI(TOOLS[args[0]], args=args[1:], as_positional=False)
+        else:
+            _run_cli(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("HGRN2_TRACEBACK"):
             raise
-        raise SystemExit(f"error: {reason}") from None
+        reason = _refused_config(error)
+        hint = "" if reason else "\n(HGRN2_TRACEBACK=1 shows where it was raised)"
+        raise SystemExit(f"error: {reason or error}{hint}") from None
 
 
 def _run_cli(argv: list[str] | None) -> None:

@@ -83,7 +83,7 @@ def test_printed_config_runs_as_written(tmp_path, corpus, capsys):
 
 def test_fit_validate_test_predict_and_generate(tmp_path, corpus, capsys):
     config, run = tiny_lm_config(tmp_path, corpus)
-    with pytest.raises(FileNotFoundError, match=r"test --ckpt_path last: no last checkpoint in \[.*checkpoints'\]"):
+    with pytest.raises(SystemExit, match=r"^error: test --ckpt_path last: no last checkpoint in \[.*checkpoints'\]"):
         main(["test", "--config", str(config), "--ckpt_path", "last"])  # before any fit: not the untrained weights
     main(["fit", "--config", str(config)])
     checkpoint = run / "checkpoints" / "last.ckpt"
@@ -146,15 +146,18 @@ def test_a_refused_config_value_is_its_own_message_not_jsonargparse_dump(tmp_pat
         main(["fit", "--config", str(config), "--model.init_args.backbone.expand_ratio", "0"])
 
 
-def test_missing_corpus_is_named(tmp_path):
+def test_missing_corpus_is_named_without_a_traceback_unless_asked(tmp_path, monkeypatch):
     config, _ = tiny_lm_config(tmp_path, str(tmp_path / "missing/*.txt"))
+    with pytest.raises(SystemExit, match=r"^error: .*matches no file.*\n\(HGRN2_TRACEBACK=1 shows where it was raised\)$"):
+        main(["fit", "--config", str(config)])
+    monkeypatch.setenv("HGRN2_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="matches no file"):
         main(["fit", "--config", str(config)])
 
 
 def test_nan_loss_stops_with_advice(tmp_path, corpus):
     config, _ = tiny_lm_config(tmp_path, corpus)
-    with pytest.raises(FloatingPointError, match="lower model.optim.lr"):
+    with pytest.raises(SystemExit, match="^error: .*lower model.optim.lr"):
         main(["fit", "--config", str(config), "--model.init_args.optim.lr", "1e30", "--trainer.gradient_clip_val", "0"])
 
 
