@@ -308,12 +308,12 @@ def _scores_elementwise(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr, AXIS
 
 
 @triton.jit
-def _anchored_block(G, offs_c, valid, SMALLEST_BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
-    """The widest blocks, C / 2, C / 4, ... down to SMALLEST_BLOCK positions, that can all be anchored at their own
+def _anchored_block(G, offs_c, valid, FINEST: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
+    """The widest blocks, C / 2, C / 4, ... down to FINEST positions, that can all be anchored at their own
     middles (`_anchored_by_blocks`): their size, or 0 where none can. Each level passes gates twice as steep in log."""
     block = 0
     for level in tl.static_range(1, MAX_LEVELS + 1):
-        if (C >> level) >= SMALLEST_BLOCK:
+        if (C >> level) >= FINEST:
             if block == 0:
                 if _anchored_by_blocks(G, offs_c, valid, C >> level, C, AXIS):
                     block = C >> level
@@ -322,21 +322,21 @@ def _anchored_block(G, offs_c, valid, SMALLEST_BLOCK: tl.constexpr, C: tl.conste
 
 @triton.jit
 def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                     PRECISION: tl.constexpr, AXIS: tl.constexpr, SMALLEST_BLOCK: tl.constexpr):
+                     PRECISION: tl.constexpr, AXIS: tl.constexpr, FINEST: tl.constexpr):
     """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk that one anchor cannot span (the caller
     masks), from float32 q, k with positions along AXIS, and the size of the blocks it took (`_anchored_block`; 0:
     elementwise, 10x slower than the anchored matmul: the output kernel at the record shape 5.6 ms against 0.56,
-    ninth session). The no-grad forward's chunks of 64 at the record shape with forget logits N(-2, 1) and no bound
-    took 11.8 ms elementwise, 1.47 by quarters (H100, kernels/NOTES.md, tenth session). SMALLEST_BLOCK C / 2 keeps
-    only the halves: the output kernel's single launch at C 32, whose anchored chunks the finer levels' code inline
-    cost 6% (spills)."""
-    block = _anchored_block(G, offs_c, valid, SMALLEST_BLOCK, C, AXIS)
+    ninth session). The no-grad forward's chunks of 64 at the record shape with forget logits N(-3, 1) and no bound
+    took 11.7 ms elementwise, 1.66 by quarters (H100, kernels/NOTES.md, tenth session). FINEST: SMALLEST_BLOCK, or
+    C / 2 for the halves only: the output kernel's single launch at C 32, whose anchored chunks the finer levels'
+    code inline cost 6% (spills)."""
+    block = _anchored_block(G, offs_c, valid, FINEST, C, AXIS)
     if block == 0:
         A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
     else:
         A = tl.zeros([C, C], dtype=tl.float32)
         for level in tl.static_range(1, MAX_LEVELS + 1):
-            if (C >> level) >= SMALLEST_BLOCK:
+            if (C >> level) >= FINEST:
                 if block == C >> level:
                     A = _scores_by_blocks(q, k, G, offs_c, C >> level, C, OPERAND_DT, PRECISION, AXIS)
     return A, block
@@ -344,7 +344,7 @@ def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, 
 
 @triton.jit
 def _fallback_intra_grads(q, k, G, dA, offs_c, block, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                          PRECISION: tl.constexpr, SMALLEST_BLOCK: tl.constexpr):
+                          PRECISION: tl.constexpr, FINEST: tl.constexpr):
     """The intra-chunk dq and dk ([K, C] tiles) of a chunk `_fallback_scores` took by blocks of `block` positions,
     or elementwise (0)."""
     if block == 0:
@@ -354,7 +354,7 @@ def _fallback_intra_grads(q, k, G, dA, offs_c, block, C: tl.constexpr, BK: tl.co
         dq = tl.zeros([BK, C], dtype=tl.float32)
         dk = tl.zeros([BK, C], dtype=tl.float32)
         for level in tl.static_range(1, MAX_LEVELS + 1):
-            if (C >> level) >= SMALLEST_BLOCK:
+            if (C >> level) >= FINEST:
                 if block == C >> level:
                     dq, dk = _intra_grads_by_blocks(q, k, G, dA, offs_c, C >> level, C, OPERAND_DT, PRECISION)
     return dq, dk
