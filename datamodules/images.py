@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 
-from datamodules.sampling import ShardedDataModule, resumable_loader
+from datamodules.sampling import ShardedDataModule, require_a_training_batch, resumable_loader
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -99,7 +99,8 @@ class ImageFiles(Dataset):
                     image = file.convert("RGB")
             except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or foreign files
                 if self.on_bad_image == "error":
-                    raise RuntimeError(
+                    # ValueError: the CLI reports a user's data error as its message alone, without a traceback.
+                    raise ValueError(
                         f"cannot read image {path}: {error}. Replace or delete the file, or set "
                         f"data.on_bad_image skip to skip unreadable images with a warning"
                     ) from error
@@ -108,7 +109,7 @@ class ImageFiles(Dataset):
                     warnings.warn(f"skipping unreadable image {path} ({error}); {len(self.skipped)} skipped so far")
                 continue
             return self.transform(image), label
-        raise RuntimeError(f"none of the {len(self.samples)} images could be read: check the dataset files")
+        raise ValueError(f"none of the {len(self.samples)} images could be read: check the dataset files")
 
 
 class ImageArrays(Dataset):
@@ -157,7 +158,7 @@ class ImageClassificationData(ShardedDataModule):
     def _loader(self, split: str, train: bool):
         if split not in self.datasets:
             self.setup("fit" if train else "validate")
-        return resumable_loader(
+        loader = resumable_loader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
@@ -167,6 +168,7 @@ class ImageClassificationData(ShardedDataModule):
             repeats=self.repeated_augmentation,
             num_workers=self.num_workers,
         )
+        return require_a_training_batch(loader) if train else loader
 
 
 
@@ -201,7 +203,7 @@ class ImageNetDataModule(ImageClassificationData):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f'data.on_bad_image must be "error" or "skip", got {on_bad_image!r}')
         self.save_hyperparameters()
-        self.root, self.on_bad_image = Path(root), on_bad_image
+        self.root, self.on_bad_image = Path(root).expanduser(), on_bad_image  # "~/..." from a YAML file, as LRA's
         self.classes = class_folders(self.root, "train")
         val_classes = class_folders(self.root, "val")
         if val_classes != self.classes:
@@ -326,6 +328,14 @@ def class_folders(root: Path, split: str) -> list[str]:
             f"used valprep.sh script), so that the layout is {IMAGENET_LAYOUT}"
         )
     classes = sorted(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
+    archives = sorted(p.name for p in entries if p.is_file() and p.name.endswith(".tar"))
+    if archives and not classes:
+        # ILSVRC2012_img_train.tar unpacks into one archive per class, not into class folders.
+        raise FileNotFoundError(
+            f"{folder} holds {len(archives)} .tar archives (e.g. {archives[0]}) instead of class folders: extract "
+            f"each into a folder of its name (cd {folder}; for f in *.tar; do mkdir \"${{f%.tar}}\" && tar xf \"$f\" "
+            f"-C \"${{f%.tar}}\"; done), so that the layout is {IMAGENET_LAYOUT}"
+        )
     if not classes:
         raise FileNotFoundError(f"{folder} has no class folders: the ImageNet DataModule reads {IMAGENET_LAYOUT}")
     return classes
@@ -351,7 +361,7 @@ def list_images(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 def cifar10_folder(root: str | Path) -> Path:
     """The folder with CIFAR-10's batches: root itself or root/cifar-10-batches-py."""
-    root = Path(root)
+    root = Path(root).expanduser()
     for folder in (root, root / "cifar-10-batches-py"):
         names = [f"data_batch_{n}" for n in range(1, 6)] + ["test_batch"]
         if all((folder / name).is_file() for name in names):

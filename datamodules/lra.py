@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.listops import END, OPERATORS, SPLITS, ListOpsRecipe, write_listops
-from datamodules.sampling import ShardedDataModule, resumable_loader
+from datamodules.sampling import ShardedDataModule, require_a_training_batch, resumable_loader
 
 
 class TokenSequences(Dataset):
@@ -112,7 +112,7 @@ class LRADataModule(ShardedDataModule):
         return majority, float(np.mean(self.datasets[split].labels == majority))
 
     def _loader(self, split: str, train: bool):
-        return resumable_loader(
+        loader = resumable_loader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=train,
@@ -121,6 +121,7 @@ class LRADataModule(ShardedDataModule):
             train=train,
             num_workers=self.num_workers,
         )
+        return require_a_training_batch(loader) if train else loader
 
 
 
@@ -207,7 +208,8 @@ class ListOpsDataModule(LRADataModule):
         if files_there and recipe_file.exists() and json.loads(recipe_file.read_text()) == wanted:
             return
         if any(self.root.glob("basic_*.tsv")) and not recipe_file.exists():
-            raise FileExistsError(
+            # ValueError: the CLI reports a user's input error as its message alone, without a traceback.
+            raise ValueError(
                 f"{self.root} holds ListOps files that the generator did not write (no recipe.json): to read them, "
                 f"drop data.generate; to generate a set, choose another data.root"
             )

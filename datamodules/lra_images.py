@@ -52,8 +52,14 @@ class PathfinderImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        with Image.open(self.paths[index]) as file:
-            image = np.asarray(file.convert("L"))
+        try:
+            with Image.open(self.paths[index]) as file:
+                image = np.asarray(file.convert("L"))
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or foreign files
+            raise ValueError(
+                f"cannot read image {self.paths[index]}: {error}. Replace the file, or delete it and its line in "
+                f"the metadata file"
+            ) from error
         if image.shape != (self.resolution, self.resolution):
             raise ValueError(
                 f"{self.paths[index]} is {image.shape[1]} x {image.shape[0]} px but data.resolution is "

@@ -214,6 +214,17 @@ class ImageClassifier(TaskModule):
                 f"data.image_size is {size} but the model takes {self.model.image_size} px images: make them agree"
             )
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another class count stops with both counts (the head is sized by the data's classes),
+        not as a state_dict size mismatch from inside torch."""
+        trained = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if trained is not None and trained != self.num_classes:
+            raise ValueError(
+                f"the checkpoint's classifier has {trained} classes but the data has {self.num_classes}: evaluate or "
+                f"resume on the dataset it was trained on (the same class folders in train/ and val/)"
+            )
+        super().on_load_checkpoint(checkpoint)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         if self.mixup is not None:

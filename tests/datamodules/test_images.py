@@ -119,7 +119,7 @@ def test_unreadable_image_stops_the_run_or_is_skipped_and_counted(imagenet):
     broken = imagenet / "train" / "n01443537" / "img_1.JPEG"
     broken.write_bytes(b"not a jpeg at all")
     strict = ImageNetDataModule(str(imagenet), image_size=16, batch_size=15, num_workers=0, repeated_augmentation=1)
-    with pytest.raises(RuntimeError, match=r"img_1\.JPEG.*data\.on_bad_image skip"):
+    with pytest.raises(ValueError, match=r"img_1\.JPEG.*data\.on_bad_image skip"):  # the CLI's user-error type
         next(iter(strict.train_dataloader()))
     lenient = ImageNetDataModule(
         str(imagenet), image_size=16, batch_size=15, num_workers=0, repeated_augmentation=1, on_bad_image="skip"
@@ -128,6 +128,27 @@ def test_unreadable_image_stops_the_run_or_is_skipped_and_counted(imagenet):
         images, _ = next(iter(lenient.train_dataloader()))
     assert images.shape[0] == 15  # the batch stays full: the next readable image stands in
     assert lenient.datasets["train"].skipped == {str(broken)}
+
+
+def test_train_folder_of_per_class_archives_says_to_extract_them(imagenet):
+    """ILSVRC2012_img_train.tar unpacks into one .tar per class: the message says so, not just "no class folders"."""
+    for wnid in CLASS_COLOURS:
+        folder = imagenet / "train" / wnid
+        (imagenet / "train" / f"{wnid}.tar").write_bytes(b"")
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    with pytest.raises(FileNotFoundError, match=r"holds 3 \.tar archives \(e\.g\. n01440764\.tar\).*extract each"):
+        ImageNetDataModule(str(imagenet))
+
+
+def test_a_training_split_smaller_than_a_batch_is_refused(imagenet):
+    """Training drops the incomplete last batch: with fewer images than a batch none is left, and Lightning would
+    stop the fit at once, saying only "No training batches"."""
+    data = ImageNetDataModule(str(imagenet), image_size=16, batch_size=32, num_workers=0)
+    with pytest.raises(ValueError, match=r"training split has 15 examples, 15 per device, and data.batch_size is 32"):
+        data.train_dataloader()
+    assert len(data.val_dataloader()) == 1  # evaluation keeps its incomplete batch
 
 
 def write_cifar_batch(path, images, labels):
@@ -151,6 +172,13 @@ def cifar(tmp_path):
     with open(folder / "batches.meta", "wb") as file:
         pickle.dump({b"label_names": [f"class{k}".encode() for k in range(10)], b"num_vis": 3072}, file, protocol=2)
     return folder
+
+
+def test_roots_under_the_home_folder_are_expanded(imagenet, cifar, monkeypatch):
+    """A YAML file's "~/..." reaches the DataModule unexpanded (no shell in between), as the LRA DataModules take it."""
+    monkeypatch.setenv("HOME", str(imagenet.parent))
+    assert ImageNetDataModule("~/imagenet").num_classes == 3
+    assert CIFAR10DataModule("~/cifar").folder == cifar
 
 
 def test_cifar_pixels_and_labels_come_out_in_place(cifar):

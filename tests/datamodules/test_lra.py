@@ -290,7 +290,7 @@ def test_listops_generated_on_demand_and_cached(tmp_path, listops_root):
     stamp = (tmp_path / "generated" / "basic_train.tsv").stat().st_mtime_ns
     ListOpsDataModule(str(tmp_path / "generated"), generate=recipe).prepare_data()
     assert (tmp_path / "generated" / "basic_train.tsv").stat().st_mtime_ns == stamp
-    with pytest.raises(FileExistsError, match="did not write"):
+    with pytest.raises(ValueError, match="did not write"):  # the CLI's user-error type: the message alone
         ListOpsDataModule(str(listops_root), generate=recipe).prepare_data()
 
 
@@ -412,6 +412,25 @@ def test_pathfinder_errors_name_the_problem(tmp_path):
     wrong.setup()
     with pytest.raises(ValueError, match="is 32 x 32 px but data.resolution is 128"):
         wrong.datasets["train"][0]
+
+
+def test_pathfinder_unreadable_image_is_named(tmp_path):
+    root = write_pathfinder(tmp_path, resolution=32, count=4)
+    broken = root / "curv_contour_length_14" / "imgs" / "0" / "sample_1.png"
+    broken.write_bytes(b"not a png")
+    data = PathfinderDataModule(str(root))
+    data.setup()
+    split, index = next((s, n) for s in ("train", "val", "test") for n, p in enumerate(data.datasets[s].paths)
+                        if p == broken)
+    with pytest.raises(ValueError, match=r"cannot read image .*sample_1\.png.*its line in the metadata file"):
+        data.datasets[split][index]
+
+
+def test_a_training_split_smaller_than_a_batch_is_refused(listops_root):
+    data = ListOpsDataModule(str(listops_root), batch_size=4)
+    data.setup()
+    with pytest.raises(ValueError, match=r"training split has 3 examples, 3 per device, and data.batch_size is 4"):
+        data.train_dataloader()
 
 
 # ---------------------------------------------------------------------------------------------------

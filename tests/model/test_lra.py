@@ -3,6 +3,7 @@ through the CLI end to end."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,19 @@ def test_listops_fit_and_test_through_the_cli(tmp_path, capsys):
     assert "test accuracy: " in printed and "majority class" in printed
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 6 and "rng_states" in state
+
+
+def test_readme_listops_commands_read_the_folder_make_listops_writes():
+    """The README's ListOps steps run in order as written: fit and test read (through --data.init_args.root or the
+    config's default) the folder that make-listops writes."""
+    readme = (ROOT / "README.md").read_text()
+    written = re.search(r"hgrn2 lra make-listops --out (\S+)", readme).group(1)
+    default = yaml.safe_load((ROOT / "configs/lra/listops.yaml").read_text())["data"]["init_args"]["root"]
+    commands = re.findall(r"hgrn2 \w+ --config configs/lra/listops\.yaml[^\n#]*", readme)
+    assert len(commands) >= 2
+    for command in commands:
+        given = re.search(r"--data\.init_args\.root (\S+)", command)
+        assert (given.group(1) if given else default) == written, command
 
 
 def test_2d_scans_must_match_the_data_grid():

@@ -144,6 +144,17 @@ def test_data_that_does_not_fit_the_head_is_refused(shapes, tmp_path):
         trainer.fit(module, tiny_shapes(shapes))
 
 
+def test_a_checkpoint_of_another_class_count_is_refused_with_both_counts():
+    """The CLI sizes the head by the data's classes: a checkpoint trained on another class set would otherwise stop
+    on a state_dict size mismatch from inside torch."""
+    trained = ImageClassifier(backbone(), num_classes=3, image_size=16, patch_size=4)
+    checkpoint = {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}
+    module = ImageClassifier(backbone(), num_classes=4, image_size=16, patch_size=4)
+    with pytest.raises(ValueError, match=r"checkpoint's classifier has 3 classes but the data has 4"):
+        module.on_load_checkpoint(checkpoint)
+    trained.on_load_checkpoint(checkpoint)  # the same class count loads as before
+
+
 def test_learning_rate_scales_with_the_global_batch_and_warmup_counts_epochs(shapes, tmp_path):
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, use_distributed_sampler=False,
