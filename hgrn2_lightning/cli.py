@@ -18,6 +18,7 @@ import warnings
 from argparse import RawDescriptionHelpFormatter
 
 from jsonargparse import CLI, DefaultHelpFormatter
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.listops import make_listops
@@ -70,10 +71,10 @@ class HGRN2CLI(LightningCLI):
                 ) from None
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-"""What the project raises about a user's inputs, each worded to say what and how to fix it (a config value, a
-dataset's path or format, a non-finite loss): the command stops with the message alone, without the traceback,
-unless HGRN2_TRACEBACK is set."""
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, MisconfigurationException)
+"""What the project (and Lightning, about trainer flags: devices the machine lacks) raises about a user's inputs,
+each worded to say what and how to fix it (a config value, a dataset's path or format, a non-finite loss): the
+command stops with the message alone, without the traceback, unless HGRN2_TRACEBACK is set."""
 
 
 def _refused_config(error: Exception) -> str | None:
@@ -84,6 +85,15 @@ def _refused_config(error: Exception) -> str | None:
         return None
     reasons = [line[4:] for line in lines if line.startswith("  - ") and "Expected a <class 'NoneType'>" not in line]
     return reasons[0] if reasons else None
+
+
+def _user_message(error: Exception) -> str:
+    """The message to stop with: a refused config's own reason (`_refused_config`), and the worker's own line of an
+    error a DataLoader worker raised (torch re-raises it with the worker's whole traceback as its message)."""
+    message = _refused_config(error) or str(error)
+    if "\nOriginal Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,9 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if os.environ.get("HGRN2_TRACEBACK"):
             raise
-        reason = _refused_config(error)
-        hint = "" if reason else "\n(HGRN2_TRACEBACK=1 shows where it was raised)"
-        raise SystemExit(f"error: {reason or error}{hint}") from None
+        hint = "" if _refused_config(error) else "\n(HGRN2_TRACEBACK=1 shows where it was raised)"
+        raise SystemExit(f"error: {_user_message(error)}{hint}") from None
 
 
 def _run_cli(argv: list[str] | None) -> None:
@@ -107,7 +116,9 @@ def _run_cli(argv: list[str] | None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
-        parser_kwargs={"parser_mode": "omegaconf", "description": __doc__, "formatter_class": KeepLayoutHelp},
+        # allow_abbrev off: argparse would take --trainer.max_step for --trainer.max_steps without a word.
+        parser_kwargs={"parser_mode": "omegaconf", "description": __doc__, "formatter_class": KeepLayoutHelp,
+                       "allow_abbrev": False},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "plugins": [{"class_path": "hgrn2_lightning.checkpoint.AtomicCheckpointIO"}],

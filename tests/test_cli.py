@@ -235,3 +235,32 @@ def test_speed_options_train_like_the_plain_model(tmp_path, corpus, option, comp
     assert runs[True].keys() == runs[False].keys()
     for name, tensor in runs[False].items():
         torch.testing.assert_close(runs[True][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_error_in_a_dataloader_worker_is_the_workers_own_message():
+    """torch re-raises a worker's error with the worker's traceback as its message; the CLI keeps the last line."""
+    from torch._utils import ExceptionWrapper
+
+    from hgrn2_lightning.cli import _user_message
+
+    try:
+        raise ValueError("cannot read image a.jpg: truncated. Replace or delete the file")
+    except ValueError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ValueError) as raised:
+        wrapper.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert _user_message(raised.value) == "cannot read image a.jpg: truncated. Replace or delete the file"
+
+
+def test_trainer_flags_the_machine_cannot_meet_stop_with_lightnings_message(tmp_path, corpus):
+    config, _ = tiny_lm_config(tmp_path, corpus)
+    with pytest.raises(SystemExit, match=r"^error: .*(gpu|GPU|cuda|CUDA)"):
+        main(["fit", "--config", str(config), "--trainer.accelerator", "gpu", "--trainer.devices", "8"])
+
+
+def test_an_abbreviated_option_is_refused_not_taken_for_the_full_one(tmp_path, corpus, capsys):
+    config, _ = tiny_lm_config(tmp_path, corpus)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.max_step", "1"])
+    assert "unrecognized arguments: --trainer.max_step 1" in capsys.readouterr().err
