@@ -25,6 +25,7 @@ from datamodules.listops import make_listops
 from datamodules.text import prepare_text
 from hgrn2_lightning.generate import generate_command
 from hgrn2_lightning.interop import export_fla, import_fla
+from hgrn2_lightning.predictions import PredictionWriter
 from hgrn2_lightning.throughput import ThroughputMonitor
 
 # Commands of the project's own, beside the Trainer's; a dict value makes a group (`hgrn2 lra make-listops`).
@@ -122,8 +123,9 @@ def _run_cli(argv: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "plugins": [{"class_path": "hgrn2_lightning.checkpoint.AtomicCheckpointIO"}],
-            # Persistent: every fit logs tokens (images) per second and MFU, and writes throughput.json.
-            "callbacks": [ThroughputMonitor()],
+            # Persistent: every fit logs tokens (images) per second and MFU, and writes throughput.json; predict
+            # writes predictions.pt.
+            "callbacks": [ThroughputMonitor(), PredictionWriter()],
             "use_distributed_sampler": False,
         },
     )
