@@ -57,8 +57,13 @@ class HGRN2CLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """validate / test / predict with `--ckpt_path last` and no last checkpoint stop here: Lightning would
-        only warn and evaluate the untrained weights (fit starting afresh is what resuming wants)."""
-        if subcommand == "fit" or self.config_init[subcommand].get("ckpt_path") != "last":
+        only warn and evaluate the untrained weights (fit starting afresh is what resuming wants). Without any
+        `--ckpt_path` they run on the freshly initialised weights, which is rarely meant: a warning says so."""
+        ckpt_path = None if subcommand == "fit" else self.config_init[subcommand].get("ckpt_path")
+        if subcommand != "fit" and ckpt_path is None:
+            warnings.warn(f"{subcommand} without --ckpt_path runs the model's freshly initialised weights: give "
+                          f"--ckpt_path last (the config's run) or a checkpoint's path to evaluate a trained model")
+        if ckpt_path != "last":
             return super()._run_subcommand(subcommand)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*there is no last checkpoint available")

@@ -85,6 +85,8 @@ def test_fit_validate_test_predict_and_generate(tmp_path, corpus, capsys):
     config, run = tiny_lm_config(tmp_path, corpus)
     with pytest.raises(SystemExit, match=r"^error: test --ckpt_path last: no last checkpoint in \[.*checkpoints'\]"):
         main(["test", "--config", str(config), "--ckpt_path", "last"])  # before any fit: not the untrained weights
+    with pytest.warns(UserWarning, match="test without --ckpt_path runs the model's freshly initialised weights"):
+        main(["test", "--config", str(config)])
     main(["fit", "--config", str(config)])
     checkpoint = run / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, weights_only=False)
