@@ -299,6 +299,11 @@ class CIFAR10DataModule(ImageClassificationData):
         if self.datasets:
             return
         images, labels = read_cifar10(self.folder, "train")
+        if self.val_size >= len(images):
+            raise ValueError(
+                f"data.val_size {self.val_size} holds out all {len(images)} training images of {self.folder}: lower "
+                f"it, or set it to 0 to validate on test_batch"
+            )
         test_images, test_labels = read_cifar10(self.folder, "test")
         # The held-out choice is fixed (seed 0), whatever data.seed shuffles: validation never changes.
         order = np.random.default_rng(0).permutation(len(images))

@@ -218,6 +218,8 @@ def test_cifar_errors_say_what_is_expected(tmp_path, cifar):
         CIFAR10DataModule(str(tmp_path / "nothing"))
     with open(cifar / "test_batch", "wb") as file:  # CIFAR-100's keys
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1]}, file)
+    with pytest.raises(ValueError, match=r"data.val_size 30 holds out all 30 training images"):
+        CIFAR10DataModule(str(cifar), val_size=30).setup("fit")
     with pytest.raises(ValueError, match=r"lacks the keys b'data' and b'labels'.*CIFAR-100"):
         read_cifar10(cifar, "test")
 
