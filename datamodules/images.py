@@ -127,8 +127,10 @@ class ImageArrays(Dataset):
 
 class ImageClassificationData(ShardedDataModule):
     """What the image DataModules share: transforms, and loaders sharded by rank, resumable mid-epoch,
-    with repeated augmentation for training. Subclasses set `num_classes` and fill `datasets` in setup."""
+    with repeated augmentation for training. Subclasses set `classes` (names, in label order) and `num_classes`,
+    and fill `datasets` in setup."""
 
+    classes: list[str]
     num_classes: int
 
     def __init__(
@@ -170,6 +172,22 @@ class ImageClassificationData(ShardedDataModule):
         )
         return require_a_training_batch(loader) if train else loader
 
+    def state_dict(self) -> dict:
+        """Checkpoints keep the class names in label order, so that evaluating or resuming on other data is caught."""
+        return {"classes": list(self.classes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint trained on other classes (or the same ones in another order: label n is another class) is
+        refused; the model only checks their count."""
+        trained = state.get("classes")
+        if trained is not None and trained != list(self.classes):
+            first = next((n for n, (a, b) in enumerate(zip(trained, self.classes)) if a != b), None)
+            where = (f"label {first} is {trained[first]!r} there and {self.classes[first]!r} here" if first is not None
+                     else f"{len(trained)} classes there, {len(self.classes)} here")
+            raise ValueError(
+                f"the checkpoint was trained on other classes than the data's ({where}): evaluate or resume on the "
+                f"dataset it was trained on (the same class folders)"
+            )
 
 
 class ImageNetDataModule(ImageClassificationData):

@@ -3,6 +3,7 @@
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from datamodules.images import ShapesDataModule
+from datamodules.images import ImageNetDataModule, ShapesDataModule
 from hgrn2_lightning.cli import main
 from hgrn2_lightning.model import HGRN2Config
 from hgrn2_lightning.optim import OptimConfig
@@ -153,6 +154,31 @@ def test_a_checkpoint_of_another_class_count_is_refused_with_both_counts():
     with pytest.raises(ValueError, match=r"checkpoint's classifier has 3 classes but the data has 4"):
         module.on_load_checkpoint(checkpoint)
     trained.on_load_checkpoint(checkpoint)  # the same class count loads as before
+
+
+def test_a_checkpoint_of_other_class_names_is_refused_by_the_data(shapes, tmp_path):
+    """The same class count with other names (label n would be another class) passes the model's check; the
+    DataModule's state in the checkpoint catches it when Lightning restores it for evaluation (the same DataModule
+    class on another root: Lightning files the state under the class name)."""
+    folders = lambda root: ImageNetDataModule(str(root), image_size=16, batch_size=4, repeated_augmentation=1,
+                                              num_workers=0)
+    data = folders(tiny_shapes(shapes).root)  # the generated class-folder layout
+    model = ImageClassifier(backbone(), num_classes=data.num_classes, image_size=16, patch_size=4)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, enable_checkpointing=False, **quiet)
+    trainer.fit(model, data)
+    checkpoint = tmp_path / "shapes.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["ImageNetDataModule"] == {"classes": data.classes}
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data.root, renamed)
+    for split in ("train", "val"):  # one class renamed: its label moves to the end of the sorted names
+        (renamed / split / data.classes[0]).rename(renamed / split / "zigzag")
+    other = folders(renamed)
+    assert other.num_classes == data.num_classes
+    with pytest.raises(ValueError, match=f"label 0 is {data.classes[0]!r} there and {data.classes[1]!r} here"):
+        L.Trainer(**quiet).validate(model, datamodule=other, ckpt_path=checkpoint, weights_only=False)
+    L.Trainer(limit_val_batches=1, **quiet).validate(model, datamodule=data, ckpt_path=checkpoint, weights_only=False)
 
 
 def test_learning_rate_scales_with_the_global_batch_and_warmup_counts_epochs(shapes, tmp_path):
