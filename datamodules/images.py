@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 
-from datamodules.sampling import ShardedDataModule, require_a_training_batch, resumable_loader
+from datamodules.sampling import ShardedDataModule, resumable_loader
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -160,7 +160,7 @@ class ImageClassificationData(ShardedDataModule):
     def _loader(self, split: str, train: bool):
         if split not in self.datasets:
             self.setup("fit" if train else "validate")
-        loader = resumable_loader(
+        return resumable_loader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
@@ -170,7 +170,6 @@ class ImageClassificationData(ShardedDataModule):
             repeats=self.repeated_augmentation,
             num_workers=self.num_workers,
         )
-        return require_a_training_batch(loader) if train else loader
 
     def state_dict(self) -> dict:
         """Checkpoints keep the class names in label order, so that evaluating or resuming on other data is caught."""

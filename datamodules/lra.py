@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.listops import END, OPERATORS, SPLITS, ListOpsRecipe, write_listops
-from datamodules.sampling import ShardedDataModule, require_a_training_batch, resumable_loader
+from datamodules.sampling import ShardedDataModule, resumable_loader
 
 
 class TokenSequences(Dataset):
@@ -112,7 +112,7 @@ class LRADataModule(ShardedDataModule):
         return majority, float(np.mean(self.datasets[split].labels == majority))
 
     def _loader(self, split: str, train: bool):
-        loader = resumable_loader(
+        return resumable_loader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=train,
@@ -121,7 +121,6 @@ class LRADataModule(ShardedDataModule):
             train=train,
             num_workers=self.num_workers,
         )
-        return require_a_training_batch(loader) if train else loader
 
 
 

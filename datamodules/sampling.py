@@ -163,19 +163,6 @@ def resumable_loader(
     )
 
 
-def require_a_training_batch(loader: ResumableLoader) -> ResumableLoader:
-    """`loader`, or an error when the training split is smaller than one batch per device: the incomplete batch is
-    dropped, which leaves none, and Lightning would end the fit at once saying only "No training batches"."""
-    if len(loader) == 0:
-        per_device = len(loader.sampler)
-        raise ValueError(
-            f"the training split has {len(loader.dataset)} examples, {per_device} per device, and data.batch_size "
-            f"is {loader.batch_size}: the incomplete last batch is dropped, which leaves no batch to train on; "
-            f"lower data.batch_size to at most {per_device}, or check the training data"
-        )
-    return loader
-
-
 class ShardedDataModule(L.LightningDataModule):
     """Base of the DataModules here: every split's loader is `_loader(split, train)`, which subclasses
     build with `resumable_loader`; prediction reads `predict_split`."""
@@ -186,7 +173,18 @@ class ShardedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> ResumableLoader:
-        return self._loader("train", train=True)
+        """The training loader, or an error when the split is smaller than one batch per device: the incomplete
+        batch is dropped, which leaves none, and Lightning would end the fit at once saying only "No training
+        batches"."""
+        loader = self._loader("train", train=True)
+        if len(loader) == 0:
+            per_device = len(loader.sampler)
+            raise ValueError(
+                f"the training split has {len(loader.dataset)} examples, {per_device} per device, and "
+                f"data.batch_size is {loader.batch_size}: the incomplete last batch is dropped, which leaves no "
+                f"batch to train on; lower data.batch_size to at most {per_device}, or check the training data"
+            )
+        return loader
 
     def val_dataloader(self) -> ResumableLoader:
         return self._loader("val", train=False)

@@ -93,10 +93,10 @@ def _refused_config(error: Exception) -> str | None:
     return reasons[0] if reasons else None
 
 
-def _user_message(error: Exception) -> str:
-    """The message to stop with: a refused config's own reason (`_refused_config`), and the worker's own line of an
-    error a DataLoader worker raised (torch re-raises it with the worker's whole traceback as its message)."""
-    message = _refused_config(error) or str(error)
+def _own_message(error: Exception) -> str:
+    """The error's message; of an error a DataLoader worker raised, the worker's own line (torch re-raises it with
+    the worker's whole traceback as its message)."""
+    message = str(error)
     if "\nOriginal Traceback" in message:
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
     return message
@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if os.environ.get("HGRN2_TRACEBACK"):
             raise
-        hint = "" if _refused_config(error) else "\n(HGRN2_TRACEBACK=1 shows where it was raised)"
-        raise SystemExit(f"error: {_user_message(error)}{hint}") from None
+        reason = _refused_config(error)
+        if reason is None:
+            reason = f"{_own_message(error)}\n(HGRN2_TRACEBACK=1 shows where it was raised)"
+        raise SystemExit(f"error: {reason}") from None
 
 
 def _run_cli(argv: list[str] | None) -> None:

@@ -248,7 +248,7 @@ def test_an_error_in_a_dataloader_worker_is_the_workers_own_message():
     """torch re-raises a worker's error with the worker's traceback as its message; the CLI keeps the last line."""
     from torch._utils import ExceptionWrapper
 
-    from hgrn2_lightning.cli import _user_message
+    from hgrn2_lightning.cli import _own_message
 
     try:
         raise ValueError("cannot read image a.jpg: truncated. Replace or delete the file")
@@ -257,7 +257,7 @@ def test_an_error_in_a_dataloader_worker_is_the_workers_own_message():
     with pytest.raises(ValueError) as raised:
         wrapper.reraise()
     assert "Original Traceback" in str(raised.value)
-    assert _user_message(raised.value) == "cannot read image a.jpg: truncated. Replace or delete the file"
+    assert _own_message(raised.value) == "cannot read image a.jpg: truncated. Replace or delete the file"
 
 
 def test_trainer_flags_the_machine_cannot_meet_stop_with_lightnings_message(tmp_path, corpus):
