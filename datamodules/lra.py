@@ -164,7 +164,7 @@ class ListOpsDataModule(LRADataModule):
     Tokenised as S4 does: parentheses dropped, "]" written "X", split on spaces, <eos> appended; S4's 18
     ids, in a fixed order (S4 numbers the symbols by their training frequency), <unk> for anything else. Given
     `generate`, the files are made by the LRA generator (in `prepare_data`, once) unless data.root
-    already holds the set that recipe makes.
+    already holds the set that recipe makes; a set of another recipe there is refused, not overwritten.
     """
 
     VOCABULARY = ("<pad>", "<unk>", "<eos>", *OPERATORS, "X", *(str(v) for v in range(10)))
@@ -199,21 +199,38 @@ class ListOpsDataModule(LRADataModule):
         self.ids = {token: n for n, token in enumerate(self.VOCABULARY)}
 
     def prepare_data(self) -> None:
+        """Generates the set unless data.root holds it. A set of another recipe, which runs and their checkpoints
+        may have used, or files the generator did not write, are refused, not overwritten. write_listops writes
+        recipe.json after the three files, and generating.json, written before it and removed after, marks a
+        generation that did not finish (a crash): it is done again. So recipe.json alone means a complete set.
+        (ValueError: the CLI reports a user's input error as its message alone, without a traceback.)"""
         if self.generate is None:
             return
-        recipe_file = self.root / "recipe.json"
+        recipe_file, unfinished = self.root / "recipe.json", self.root / "generating.json"
         wanted = asdict(self.generate)
-        files_there = all((self.root / f"basic_{split}.tsv").exists() for split in SPLITS)
-        if files_there and recipe_file.exists() and json.loads(recipe_file.read_text()) == wanted:
-            return
-        if any(self.root.glob("basic_*.tsv")) and not recipe_file.exists():
-            # ValueError: the CLI reports a user's input error as its message alone, without a traceback.
+        if recipe_file.exists() and not unfinished.exists():
+            made = json.loads(recipe_file.read_text())
+            if made != wanted:
+                changed = ", ".join(f"{key} {made.get(key)} -> {wanted.get(key)}" for key in sorted({*made, *wanted})
+                                    if made.get(key) != wanted.get(key))
+                raise ValueError(
+                    f"{self.root} holds a ListOps set generated with another recipe (recipe.json there -> "
+                    f"data.generate: {changed}); runs that read it would no longer match their checkpoints: choose "
+                    f"another data.root for this recipe, or delete {self.root} to regenerate it"
+                )
+            if all((self.root / f"basic_{split}.tsv").exists() for split in SPLITS):
+                return
+        elif any(self.root.glob("basic_*.tsv")) and not unfinished.exists():
             raise ValueError(
                 f"{self.root} holds ListOps files that the generator did not write (no recipe.json): to read them, "
                 f"drop data.generate; to generate a set, choose another data.root"
             )
         print(f"generating ListOps into {self.root}: {self.generate}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        unfinished.write_text(json.dumps(wanted, indent=2) + "\n")
+        recipe_file.unlink(missing_ok=True)  # the same recipe with a file missing: incomplete until rewritten
         write_listops(self.root, self.generate)
+        unfinished.unlink()
 
     def load_splits(self) -> dict[str, Dataset]:
         if not self.root.is_dir():

@@ -16,10 +16,11 @@ import os
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
+from typing import NoReturn
 
-from jsonargparse import CLI, DefaultHelpFormatter
+from jsonargparse import CLI, ArgumentParser, DefaultHelpFormatter
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.listops import make_listops
 from datamodules.text import prepare_text
@@ -40,6 +41,29 @@ TOOLS = {
 
 class KeepLayoutHelp(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """`--help` shows the command table above as it is laid out."""
+
+
+class ShortErrors:
+    """A wrong option or config key (`--trainer.max_epoch`, a typo in the YAML) stops the command with the error and
+    where the options are listed. jsonargparse's own `error` prints the parser's usage first, which for fit is every
+    Trainer flag (some 50 lines) and pushes the one line that names the key out of view. The parsers jsonargparse
+    makes for a class's arguments (exit_on_error off) raise as before, for the parse to report; HGRN2_TRACEBACK=1
+    gives jsonargparse's full report."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("HGRN2_TRACEBACK"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self  # a config file's key is checked by the root parser
+        command = parser.prog.replace(" [options]", "")
+        self.exit(2, f"error: {_refused_config(message) or message}\n(`{command} --help` lists the options)\n")
+
+
+class HGRN2Parser(ShortErrors, LightningArgumentParser):
+    """fit / validate / test / predict's parser."""
+
+
+class ToolParser(ShortErrors, ArgumentParser):
+    """The tools' parser."""
 
 
 class HGRN2CLI(LightningCLI):
@@ -83,14 +107,16 @@ each worded to say what and how to fix it (a config value, a dataset's path or f
 command stops with the message alone, without the traceback, unless HGRN2_TRACEBACK is set."""
 
 
-def _refused_config(error: Exception) -> str | None:
-    """The class's own message when a model or DataModule refused its config: jsonargparse wraps it, with the whole
-    config and a traceback, in an error that lists what each member of the union (the class, or None) said."""
-    lines = str(error).splitlines()
-    if not lines or not lines[0].startswith("Does not validate against any of the Union subtypes"):
-        return None
-    reasons = [line[4:] for line in lines if line.startswith("  - ") and "Expected a <class 'NoneType'>" not in line]
-    return reasons[0] if reasons else None
+def _refused_config(message: str) -> str | None:
+    """The class's own message when a model or DataModule refused its config (a value it checks, a key it lacks),
+    on one line: jsonargparse wraps it, with the whole config, in an error that lists what each member of the union
+    (the class, or None) said, as `- ` items, indented alike; a parse error puts `Parser key "model":` before it."""
+    head, union, rest = message.partition("Does not validate against any of the Union subtypes")
+    errors = rest.partition("Errors:")[2].partition("Given value type:")[0].strip("\n")
+    indent = errors[: len(errors) - len(errors.lstrip())]
+    members = ("\n" + errors).split(f"\n{indent}- ")[1:]
+    reasons = [" ".join(m.split()) for m in members if "Expected a <class 'NoneType'>" not in m]
+    return f"{head.strip()} {reasons[0]}".strip() if union and reasons else None
 
 
 def _own_message(error: Exception) -> str:
@@ -107,13 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard's optional TensorFlow import is noisy
     try:
         if args and args[0] in TOOLS:
-            CLI(TOOLS[args[0]], args=args[1:], as_positional=False)
+            CLI(TOOLS[args[0]], args=args[1:], as_positional=False, parser_class=ToolParser, prog=f"hgrn2 {args[0]}")
         else:
             _run_cli(argv)
     except USER_ERRORS as error:
         if os.environ.get("HGRN2_TRACEBACK"):
             raise
-        reason = _refused_config(error)
+        reason = _refused_config(str(error))
         if reason is None:
             reason = f"{_own_message(error)}\n(HGRN2_TRACEBACK=1 shows where it was raised)"
         raise SystemExit(f"error: {reason}") from None
@@ -121,12 +147,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run_cli(argv: list[str] | None) -> None:
     HGRN2CLI(
+        parser_class=HGRN2Parser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
-        # allow_abbrev off: argparse would take --trainer.max_step for --trainer.max_steps without a word.
-        parser_kwargs={"parser_mode": "omegaconf", "description": __doc__, "formatter_class": KeepLayoutHelp,
-                       "allow_abbrev": False},
+        # allow_abbrev off: argparse would take --trainer.max_step for --trainer.max_steps without a word. prog:
+        # the command's name however it was started (`python -m hgrn2_lightning` too), for the errors' hint.
+        parser_kwargs={"prog": "hgrn2", "parser_mode": "omegaconf", "description": __doc__,
+                       "formatter_class": KeepLayoutHelp, "allow_abbrev": False},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "plugins": [{"class_path": "hgrn2_lightning.checkpoint.AtomicCheckpointIO"}],

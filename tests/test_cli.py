@@ -143,6 +143,34 @@ def test_unknown_config_key_is_named(tmp_path, corpus, capsys):
     assert "d_modle" in capsys.readouterr().err
 
 
+def test_a_mistyped_key_is_a_short_error_naming_it_not_the_usage(tmp_path, corpus, capsys):
+    """jsonargparse prints a parser's whole usage (for fit every Trainer flag, some 50 lines) above a parse error;
+    the CLI prints the error, naming the key (a model's on one line), and where the options are listed."""
+    config, _ = tiny_lm_config(tmp_path, corpus)
+    trainer_typo, model_typo = tmp_path / "trainer-typo.yaml", tmp_path / "model-typo.yaml"
+    trainer_typo.write_text(config.read_text().replace("max_steps:", "max_step:"))
+    model_typo.write_text(config.read_text().replace("d_model:", "d_modle:"))
+    for args, error, command in (
+        (["fit", "--config", str(config), "--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch 3",
+         "hgrn2 fit"),
+        (["fit", "--config", str(trainer_typo)], "does not accept option 'trainer.max_step'", "hgrn2 fit"),
+        (["fit", "--config", str(model_typo)], "Group 'backbone' does not accept option 'd_modle'", "hgrn2 fit"),
+        (["test", "--config", str(config), "--model.init_args.backbone.d_modle", "8"], "--backbone.d_modle=8",
+         "hgrn2 test"),
+        (["generate", "--ckpt_patth", "x"], "unrecognized arguments: --ckpt_patth x", "hgrn2 generate"),
+        (["lra", "make-listops", "--outt", "x"], "unrecognized arguments: --outt x", "hgrn2 lra make-listops"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, args
+        assert err.startswith("error: ") and error in err, err
+        assert err.splitlines()[1:] == [f"(`{command} --help` lists the options)"], err
+    with pytest.raises(SystemExit) as exit_info:  # --help is still the whole help
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0 and "--trainer.max_epochs" in capsys.readouterr().out
+
+
 def test_a_refused_config_value_is_its_own_message_not_jsonargparse_dump(tmp_path, corpus):
     """jsonargparse reports a class that refused its config with the whole config and a traceback; the CLI stops
     with the class's own message instead."""

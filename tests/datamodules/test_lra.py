@@ -294,6 +294,57 @@ def test_listops_generated_on_demand_and_cached(tmp_path, listops_root):
         ListOpsDataModule(str(listops_root), generate=recipe).prepare_data()
 
 
+def test_listops_set_of_another_recipe_is_refused_not_overwritten(tmp_path):
+    """Runs and their checkpoints may have used the set there: asking for another recipe names the differences."""
+    recipe = ListOpsRecipe(num_train=12, num_val=4, num_test=4, min_length=5, max_length=30, max_depth=4, max_args=4)
+    root = tmp_path / "generated"
+    ListOpsDataModule(str(root), generate=recipe).prepare_data()
+    before = {path.name: path.read_bytes() for path in root.iterdir()}
+    other = ListOpsRecipe(**{**recipe.__dict__, "num_train": 16, "seed": 1})
+    with pytest.raises(ValueError) as refused:
+        ListOpsDataModule(str(root), generate=other).prepare_data()
+    message = str(refused.value)
+    assert message.startswith(f"{root} holds a ListOps set generated with another recipe")
+    assert "num_train 12 -> 16, seed 0 -> 1)" in message and "max_depth" not in message
+    assert "choose another data.root" in message and f"delete {root} to regenerate it" in message
+    assert {path.name: path.read_bytes() for path in root.iterdir()} == before
+
+
+def test_an_interrupted_listops_generation_is_done_again(tmp_path, monkeypatch):
+    """recipe.json, written last, means a complete set: a generation that crashed (or a split deleted since) is
+    done again, and one crashing again leaves no recipe.json."""
+    import datamodules.lra
+
+    recipe = ListOpsRecipe(num_train=12, num_val=4, num_test=4, min_length=5, max_length=30, max_depth=4, max_args=4)
+    root = tmp_path / "generated"
+
+    def torn_write(out, recipe):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "basic_train.tsv").write_text("Source\tTarget\r\n( ( [MAX 2")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datamodules.lra, "write_listops", torn_write)
+    with pytest.raises(OSError, match="disk full"):
+        ListOpsDataModule(str(root), generate=recipe).prepare_data()
+    assert not (root / "recipe.json").exists()
+    monkeypatch.undo()
+    data = ListOpsDataModule(str(root), max_length=32, generate=recipe)
+    data.prepare_data()
+    data.setup()
+    assert [len(data.datasets[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+    assert sorted(p.name for p in root.iterdir()) == ["basic_test.tsv", "basic_train.tsv", "basic_val.tsv",
+                                                      "recipe.json"]
+    complete = {path.name: path.read_bytes() for path in root.iterdir()}
+    (root / "basic_val.tsv").unlink()
+    monkeypatch.setattr(datamodules.lra, "write_listops", torn_write)
+    with pytest.raises(OSError, match="disk full"):
+        ListOpsDataModule(str(root), generate=recipe).prepare_data()
+    assert not (root / "recipe.json").exists()  # not a complete-looking folder
+    monkeypatch.undo()
+    ListOpsDataModule(str(root), generate=recipe).prepare_data()
+    assert {path.name: path.read_bytes() for path in root.iterdir()} == complete
+
+
 # ---------------------------------------------------------------------------------------------------
 # Text, Retrieval
 
