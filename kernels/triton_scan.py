@@ -463,8 +463,8 @@ def scan_bwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite")
-        q_by_time = _empty(B, H, K, T, dtype=q.dtype, device=q.device)
-        f_by_time = _empty(B, H, K, T, dtype=f.dtype, device=q.device)
+        q_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=q.dtype, device=q.device)
+        f_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=f.dtype, device=q.device)
         _bwd_dh_kernel[walks.grid](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
             *walks.kernel_args(), q_by_time, f_by_time, layout.cu_seqlens, layout.state_offsets, q.stride(1),

@@ -175,18 +175,14 @@ def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
 
 
 @triton.jit
-def _by_time(i_n, bos, i_t, offs_c, i_h, offs_k, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-             IS_VARLEN: tl.constexpr):
-    """Offsets of the [K, C] tile of chunk i_t, head i_h in a [B, H, K, T] copy of a [B, T, H, K] tensor whose time
-    axis runs in scan order (backwards in a reverse scan), so that a chunk's positions are contiguous in either
-    direction. A packed batch is one sequence (B = 1); its sequence i_n starts at bos."""
-    if IS_VARLEN:
-        batch = 0
-        start = bos
-    else:
-        batch = i_n.to(tl.int64)
-        start = 0
-    return ((batch * H + i_h) * K + offs_k[:, None]) * T + (start + i_t * C + offs_c)[None, :]
+def _by_time(chunk, offs_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr):
+    """Offsets of the [K, C] tile of head i_h in chunk `chunk` (counted over all sequences, as the state gradients
+    are) of a [chunks, H, K, C] copy of a [B, T, H, K] tensor, positions in scan order (backwards in a reverse
+    scan). Each tile is one contiguous, aligned block whatever T or the packed sequences' starts: a [B, H, K, T]
+    copy had rows that start anywhere when T is not a multiple of 8 (the ViT's T 196), and its loads and stores
+    went element by element (the dh walk 0.187 ms at T 196 against 0.093 at T 256, kernels/NOTES.md, eleventh
+    session)."""
+    return ((chunk * H + i_h) * K + offs_k[:, None]) * C + offs_c[None, :]
 
 
 @triton.jit
@@ -525,7 +521,7 @@ def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.
                 C: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr,
                 REVERSE: tl.constexpr):
     """What a chunk-parallel kernel's program owns: chunk i_t of sequence i_n, head i_h, the whole K. Its
-    sequence's first row, chunk-state offset and length, the chunk's rows and masks, the causal mask, b and 1 - b."""
+    sequence's chunk-state offset and length, the chunk's rows and masks, the causal mask, b and 1 - b."""
     bos, eos, state_off = _sequence(i_n, T, C, cu_seqlens, state_offsets, IS_VARLEN)
     length = eos - bos
     offs_c = tl.arange(0, C)
@@ -535,7 +531,7 @@ def _chunk_tile(i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H: tl.
     mask_ck = valid[:, None] & mask_k[None, :]
     causal = offs_c[:, None] >= offs_c[None, :]
     b, one_minus_b = _bound(lower_bound, i_h, offs_k, mask_k, K, BK, HAS_BOUND)
-    return bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
+    return state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b
 
 
 @triton.jit
@@ -571,7 +567,7 @@ def _fwd_output_kernel(
     if LAUNCH == FALLBACK_LAUNCH:
         if not _left_to_the_fallback(flags, i_c, i_h, H):
             return
-    _, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     DT = q.dtype.element_ty
     _, k, _, _, G, _ = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b, mask_ck,
@@ -640,7 +636,7 @@ def _bwd_dh_kernel(
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
         if i_v == 0:  # one V block writes the copies; the others skip their transposes too
-            by_time = _by_time(i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN)
+            by_time = _by_time(chunk_off + i_t, offs_c, i_h, offs_k, H, K, C)
             tl.store(f_by_time + by_time, tl.trans(f_t), mask=tl.trans(mask_ck))
             tl.store(q_by_time + by_time, tl.trans(q_t), mask=tl.trans(mask_ck))
         _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
@@ -735,12 +731,12 @@ def _bwd_kernel(
     if LAUNCH == FALLBACK_LAUNCH:
         if not _left_to_the_fallback(flags, i_c, i_h, H):
             return
-    bos, state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     chunk = state_off - i_n + i_t
     DT = q_by_time.dtype.element_ty
     mask_kc = tl.trans(mask_ck)
-    by_time = _by_time(i_n, bos, i_t, offs_c, i_h, offs_k, T, H, K, C, IS_VARLEN)
+    by_time = _by_time(chunk, offs_c, i_h, offs_k, H, K, C)
     f_kc, q_kc = f_by_time + by_time, q_by_time + by_time
 
     # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
