@@ -178,9 +178,10 @@ def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
 def _by_time(chunk, offs_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr):
     """Offsets of the [K, C] tile of head i_h in chunk `chunk` (counted over all sequences, as the state gradients
     are) of a [chunks, H, K, C] copy of a [B, T, H, K] tensor, positions in scan order (backwards in a reverse
-    scan). Each tile is one contiguous, aligned block whatever T or the packed sequences' starts: a [B, H, K, T]
-    copy had rows that start anywhere when T is not a multiple of 8 (the ViT's T 196), and its loads and stores
-    went element by element (the dh walk 0.187 ms at T 196 against 0.093 at T 256, kernels/NOTES.md, eleventh
+    scan). The dh walk writes whole chunks, zeros past a sequence's end, and the grads kernel reads them masked by
+    channel alone. So each tile is one contiguous, aligned block that Triton moves in 16-byte vectors whatever T
+    or the packed sequences' starts: a [B, H, K, T] copy, masked by position, went element by element where T is
+    not a multiple of 16 (the ViT's T 196: dh walk 0.186 ms against 0.093 at T 256; kernels/NOTES.md, eleventh
     session)."""
     return ((chunk * H + i_h) * K + offs_k[:, None]) * C + offs_c[None, :]
 
@@ -637,8 +638,9 @@ def _bwd_dh_kernel(
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
         if i_v == 0:  # one V block writes the copies; the others skip their transposes too
             by_time = _by_time(chunk_off + i_t, offs_c, i_h, offs_k, H, K, C)
-            tl.store(f_by_time + by_time, tl.trans(f_t), mask=tl.trans(mask_ck))
-            tl.store(q_by_time + by_time, tl.trans(q_t), mask=tl.trans(mask_ck))
+            # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
+            tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
+            tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
         _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
         do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
@@ -738,15 +740,16 @@ def _bwd_kernel(
     mask_kc = tl.trans(mask_ck)
     by_time = _by_time(chunk, offs_c, i_h, offs_k, H, K, C)
     f_kc, q_kc = f_by_time + by_time, q_by_time + by_time
+    copied = mask_k[:, None]  # the copies' whole chunks, zeros past the end: see `_by_time`
 
     # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
     # the anchored operands across the V loop; otherwise only what the loop needs (A, k_end) is held, and the
     # gate and q are read again after it and recomputed. Recomputing is 55% slower at bf16 on the H100
     # (kernels/NOTES.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
     # spills): 16-bit inputs hold, float32 recomputes.
-    g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc,
+    g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=copied, other=0.0), b, one_minus_b, mask_kc,
                                                 offs_c, C, 1)
-    q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
+    q_t = tl.load(q_kc, mask=copied, other=0.0).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
         A, block = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1, SMALLEST_BLOCK)
     else:
@@ -786,9 +789,9 @@ def _bwd_kernel(
     dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1) * scale
     dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
     if not HOLD_GATE:
-        _, k, _, _, G, G_last = _chunk_gate(tl.load(f_kc, mask=mask_kc, other=0.0), b, one_minus_b, mask_kc, offs_c,
+        _, k, _, _, G, G_last = _chunk_gate(tl.load(f_kc, mask=copied, other=0.0), b, one_minus_b, mask_kc, offs_c,
                                             C, 1)
-        q_t = tl.load(q_kc, mask=mask_kc, other=0.0).to(tl.float32)
+        q_t = tl.load(q_kc, mask=copied, other=0.0).to(tl.float32)
         if LAUNCH == ANCHORED_LAUNCH:
             G_mid, _ = _anchor(G, offs_c, valid, C, 1)
             q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
@@ -818,7 +821,7 @@ def _bwd_kernel(
     # that is written with the sigmoid term's share of lambda, (1 - b) sigmoid(f) / lambda, which is 1 without
     # a bound even where lambda underflows.
     if not HOLD_GATE:
-        g, _, sig, sig_neg = _gate(tl.load(f_kc, mask=mask_kc, other=0.0).to(tl.float32), _per_channel(b, 1),
+        g, _, sig, sig_neg = _gate(tl.load(f_kc, mask=copied, other=0.0).to(tl.float32), _per_channel(b, 1),
                                    _per_channel(one_minus_b, 1), mask_kc)
     inverse_lambda = _exp(-g)
     share = tl.where((b == 0)[:, None], 1.0, one_minus_b[:, None] * sig * inverse_lambda)
