@@ -190,7 +190,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       (the ViT's), and 32 x 64 ones of 4 below.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
-      V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). No
+      V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). The grads
+      kernel of 64-wide heads takes a 32-wide V block since its q and gate copies are chunk-major (the ViT's
+      shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/NOTES.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
       grads kernel's state tiles are float32 (float32 and float16 inputs) at K 256 a 32-wide V block there (302
       KiB at 64)."""
@@ -206,8 +208,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
     elif kernel == "grads":
-        tiles = dict(BK=BK, BV=BV // 2 if BK >= 256 and dtype != torch.bfloat16 else BV,
-                     HOLD_GATE=dtype != torch.float32, **wide)
+        grads_BV = min(32, BV) if BK == 64 else BV // 2 if BK >= 256 and dtype != torch.bfloat16 else BV
+        tiles = dict(BK=BK, BV=grads_BV, HOLD_GATE=dtype != torch.float32, **wide)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
