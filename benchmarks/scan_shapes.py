@@ -1,0 +1,74 @@
+"""GPU time per call of each scan kernel in one forward + backward, at the shapes the models run: the record shape,
+the ViTs' (T 256 and, at 16 px patches, 196), packed documents, a length that is not a multiple of 16. bf16, a
+lower bound, fresh random inputs; kernel time from torch.profiler (`scan.kernel_ms`), so the host is left out.
+
+To compare two versions of the kernels in one device call (timings of separate calls differ by a few percent),
+copy the other one beside the tree and run both, alternating:
+
+    git archive <commit> kernels | tar -x -C /tmp/other
+    python benchmarks/scan_shapes.py --kernels-from /tmp/other; python benchmarks/scan_shapes.py   # twice
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name: (B, T, H, K = V, packed)
+    "record": (16, 2048, 16, 128, False),
+    "record-t1000": (32, 1000, 16, 128, False),
+    "record-packed": (16, 2048, 16, 128, True),
+    "heads64": (16, 2048, 16, 64, False),
+    "vit-tiny": (256, 256, 3, 64, False),
+    "vit-tiny-patch16": (256, 196, 3, 64, False),
+    "vit-small": (256, 256, 6, 64, False),
+}
+
+
+def packed_boundaries(tokens: int, T: int, generator) -> list[int]:
+    """Documents of 50 to 2T tokens end to end, the last cut at `tokens`."""
+    ends = torch.randint(50, 2 * T, (tokens // 50,), generator=generator).cumsum(0)
+    return [0, *ends[ends < tokens].tolist(), tokens]
+
+
+def training_call(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool):
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, B * T, H, K) if packed else (B, T, H, K)
+    q, f, v = (torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3))
+    bound = (torch.rand(H, K, generator=generator) * 0.9).cuda().requires_grad_()
+    do = torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
+    cu_seqlens = None
+    if packed:
+        cu_seqlens = torch.tensor(packed_boundaries(B * T, T, generator), dtype=torch.int32, device="cuda")
+
+    def forward_backward() -> None:
+        o, _ = hgrn2_scan(q, f, v, bound, cu_seqlens=cu_seqlens, check_bound=False)
+        o.backward(do)
+
+    return forward_backward, [q, f, v, bound]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels-from", metavar="DIR", help="a folder holding another version's kernels/ package")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    args = parser.parse_args()
+    if args.kernels_from:
+        sys.path.insert(0, str(Path(args.kernels_from).resolve()))
+    sys.path.insert(1, str(Path(__file__).resolve().parent))
+    import kernels  # from --kernels-from when given
+    from scan import kernel_ms  # benchmarks/ is not a package
+
+    label = args.kernels_from or str(Path(kernels.__file__).parent.parent)
+    for name in args.shapes:
+        call, inputs = training_call(kernels.hgrn2_scan, *SHAPES[name])
+        times = kernel_ms(call, calls=20, grad_to_none=inputs)
+        top = "  ".join(f"{kernel[:14]} {ms:.3f}" for kernel, ms in list(times.items())[:4])
+        B, T, H, K, packed = SHAPES[name]
+        shape = f"{name} (B {B}, T {T}, H {H}, K {K}{', packed' if packed else ''})"
+        print(f"{label}  {shape:48s} f+b {sum(times.values()):.3f} ms | {top}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
