@@ -124,6 +124,7 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "fp32 K256 few heads": scan_training_step(torch.float32, 256),
     "fp16 K256 few heads": scan_training_step(torch.float16, 256),
     "bf16 K256 few heads": scan_training_step(torch.bfloat16, 256),
+    "bf16 K64 few heads": scan_training_step(torch.bfloat16, 64),  # the ViTs' heads: the grads kernel's own V block
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "fp32 K4 small heads": scan_training_step(torch.float32, 4, H=16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
