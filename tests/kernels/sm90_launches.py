@@ -4,13 +4,17 @@ The interpreter that runs the kernels in CI executes them as Python: it accepts 
 (a loop-carried name that changes type, for one) and knows nothing of registers or shared memory. Here the
 ops run on CPU tensors with Triton's launch intercepted: each launch they would make (the kernel, its
 argument types and the specialisation and launch options the dispatch chose) is compiled through Triton
-and ptxas for sm_90a instead. Run in a process without TRITON_INTERPRET (tests/kernels/test_sm90_compile.py):
+and ptxas for sm_90a instead, and its SASS searched for global accesses of one 16-bit element. Run in a
+process without TRITON_INTERPRET (tests/kernels/test_sm90_compile.py):
 
     python -m tests.kernels.sm90_launches     prints one JSON line per launch
 """
 
 import json
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
@@ -60,8 +64,21 @@ def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
         signature[name] = "constexpr"
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    return {"kernel": kernel.__name__, "grid": list(grid), "shared_bytes": compiled.metadata.shared, **options,
+    return {"kernel": kernel.__name__, "grid": list(grid), "shared_bytes": compiled.metadata.shared,
+            "global_16bit_accesses": _global_16bit_accesses(compiled.asm["cubin"]), **options,
             **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
+
+
+def _global_16bit_accesses(cubin: bytes) -> int:
+    """Global loads and stores of one 16-bit element each in the kernel's SASS: a tile of bf16 / fp16 values that
+    Triton could not move in 16-byte vectors (alignment or a mask it cannot prove constant over 8 elements)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as file:
+            file.write(cubin)
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"\b(?:LDG|STG)\.E\.[US]16\b", sass))
 
 
 def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_seqlens: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCAN_KERNELS = {"_fwd_states_kernel", "_fwd_output_kernel", "_bwd_dh_kernel", "_bwd_kernel"}
 
 
-def test_every_launch_compiles_for_sm90_within_shared_memory_and_grid_limits():
+def test_every_launch_compiles_for_sm90_within_limits_moving_16bit_tiles_in_vectors():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_launches"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900, check=False)
@@ -29,6 +29,12 @@ def test_every_launch_compiles_for_sm90_within_shared_memory_and_grid_limits():
         if "small heads" in case or "Path-X" in case:  # their own two kernels (kernels/triton_scan_small.py)
             assert names == ["_small_fwd_kernel", "_small_bwd_kernel"], (case, names)
             continue
+        # Their T (100, 200) is not a multiple of 16: a tile of 16-bit values whose alignment or mask Triton cannot
+        # prove moves element by element. The backward's copies of q and f did (its dh walk 2x slower at the ViT's
+        # T 196; kernels/NOTES.md, eleventh session).
+        element_by_element = [(launch["kernel"], launch["global_16bit_accesses"]) for launch in compiled
+                              if launch["global_16bit_accesses"]]
+        assert not element_by_element, (case, element_by_element)
         if "inference" in case:  # bfloat16 heads of 128 take chunks of 64, whose output kernel runs twice
             forward = ["_fwd_states_kernel", "_segment_carry_kernel", "_fwd_output_kernel"]
             outputs = 2 if case.startswith("bf16 K128") else 1
