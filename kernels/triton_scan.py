@@ -208,8 +208,11 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
     elif kernel == "grads":
-        grads_BV = min(32, BV) if BK == 64 else BV // 2 if BK >= 256 and dtype != torch.bfloat16 else BV
-        tiles = dict(BK=BK, BV=grads_BV, HOLD_GATE=dtype != torch.float32, **wide)
+        if BK == 64:
+            BV = min(32, BV)
+        elif BK >= 256 and dtype != torch.bfloat16:
+            BV //= 2
+        tiles = dict(BK=BK, BV=BV, HOLD_GATE=dtype != torch.float32, **wide)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
