@@ -100,9 +100,9 @@ def hgrn2_step(
     if backend == "auto":
         backend = "triton" if q.is_cuda and state.dtype == torch.float32 else "naive"
     if backend == "triton":
-        from kernels.triton_decode import decode_step
+        from kernels.triton_decode import decode_step_op
 
-        return decode_step(q, f, i, lower_bound, state, float(scale))
+        return decode_step_op(q, f, i, lower_bound, state, float(scale))
     if backend != "naive":
         raise ValueError(f"unknown decode backend {backend!r}: use 'auto', 'triton' or 'naive'")
     o, final_state = _reference_scan(naive_recurrence, q, f, i, lower_bound, scale, state, None, False)

@@ -1,4 +1,4 @@
-"""Triton kernel of HGRN2's decode step, registered as a torch custom op that updates the state in place.
+"""Triton kernel of HGRN2's decode step, registered as a torch operator that updates the state in place.
 
 One launch per layer serves every sequence and head. A program owns one (sequence, head, V block):
 it loads its fp32 state tile S [K, BV] once, and for each of the T new tokens (T = 1 when decoding)
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.library import define_op
 from kernels.triton_scan import _cdiv, _empty, _next_power_of_2, _row_stride
 from kernels.triton_scan_kernels import _bound, _exp, _gate
 
@@ -48,7 +49,6 @@ def _decode_kernel(
     tl.store(tile, S, mask=mask_kv)
 
 
-@torch.library.custom_op("hgrn2::decode_step", mutates_args=("state",))
 def decode_step(
     q: Tensor, f: Tensor, i: Tensor, lower_bound: Optional[Tensor], state: Tensor, scale: float
 ) -> Tensor:
@@ -76,6 +76,9 @@ def decode_step(
     return o
 
 
-@decode_step.register_fake
+decode_step_op = define_op(decode_step, mutates_args=("state",))
+
+
+@torch.library.register_fake("hgrn2::decode_step")
 def _(q, f, i, lower_bound, state, scale):
     return q.new_empty(*q.shape[:3], i.shape[-1])

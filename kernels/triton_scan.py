@@ -1,5 +1,5 @@
 """Launching the Triton scan kernels (kernels/triton_scan_kernels.py, which describes the algorithm) and
-registering them as torch custom ops: the tiles and launch options of each kernel, how the sequential walks are
+registering them as torch operators: the tiles and launch options of each kernel, how the sequential walks are
 cut into segments, where packed sequences' chunks and chunk states live, and the forward, the states
 recomputation and the backward, with autograd.
 """
@@ -12,6 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from kernels.library import define_op
 from kernels.triton_scan_kernels import (
     ANCHORED_LAUNCH,
     FALLBACK_LAUNCH,
@@ -131,10 +132,12 @@ class _Walks:
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
         slots = layout.n_states if kernel == "states" else layout.n_chunks
-        shape = lambda *dims: dims if self.segmented else (0,)
-        self.chunk_decays = torch.empty(shape(slots, H, K), dtype=torch.float32, device=device)
-        self.segment_ends = torch.empty(shape(walks * self.n_segments, K, V), dtype=torch.float32, device=device)
-        self.segment_decays = torch.empty(shape(walks * self.n_segments, K), dtype=torch.float32, device=device)
+        if self.segmented:
+            self.chunk_decays = torch.empty(slots, H, K, dtype=torch.float32, device=device)
+            self.segment_ends = torch.empty(walks * self.n_segments, K, V, dtype=torch.float32, device=device)
+            self.segment_decays = torch.empty(walks * self.n_segments, K, dtype=torch.float32, device=device)
+        else:  # never read; one allocation, a few microseconds of host, for the three
+            self.chunk_decays = self.segment_ends = self.segment_decays = torch.empty(0, device=device)
 
     def kernel_args(self) -> tuple:
         """The walk's arguments of the states and dh kernels (after their outputs), in their order."""
@@ -340,7 +343,6 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
     return walks
 
 
-@torch.library.custom_op("hgrn2::scan_fwd", mutates_args=())
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], scale: float, reverse: bool, save_states: bool, output_final_state: bool,
@@ -398,7 +400,10 @@ def scan_fwd(
     return o, final, states, seeds
 
 
-@scan_fwd.register_fake
+scan_fwd_op = define_op(scan_fwd)
+
+
+@torch.library.register_fake("hgrn2::scan_fwd")
 def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, chunk):
     B, T, H, K = q.shape
     layout_states = _state_slots(B, T, cu_seqlens, chunk)
@@ -413,7 +418,6 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     )
 
 
-@torch.library.custom_op("hgrn2::scan_states", mutates_args=())
 def scan_states(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor], seeds: Tensor,
     cu_seqlens: Optional[Tensor], reverse: bool,
@@ -433,14 +437,16 @@ def scan_states(
     return states
 
 
-@scan_states.register_fake
+scan_states_op = define_op(scan_states)
+
+
+@torch.library.register_fake("hgrn2::scan_states")
 def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
     B, T, H, K = q.shape
     n_states = _state_slots(B, T, cu_seqlens, CHUNK)
     return q.new_empty(n_states, H, K, v.shape[-1], dtype=_wide_dtype(q, K, v.shape[-1]))
 
 
-@torch.library.custom_op("hgrn2::scan_bwd", mutates_args=())
 def scan_bwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor,
     do: Tensor, d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool, want_dh0: bool,
@@ -461,8 +467,9 @@ def scan_bwd(
         return (dq, df, dv, *_small_scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, layout,
                                               scale, reverse, dq, df, dv, dh0))
     dstates = _empty(layout.n_chunks, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
-    db_chunks = torch.zeros(layout.n_chunks if lower_bound is not None else 0, H, K, dtype=torch.float32,
-                            device=q.device)
+    # Every chunk's program writes its row; a packed batch's programs past its last chunk write nothing.
+    db_chunks = (torch.zeros if layout.is_varlen else _empty)(layout.n_chunks if lower_bound is not None else 0, H, K,
+                                                              dtype=torch.float32, device=q.device)
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
@@ -512,7 +519,10 @@ def _small_scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, la
     return (db_sequences.sum(0) if lower_bound is not None else dummy.float()), dh0
 
 
-@scan_bwd.register_fake
+scan_bwd_op = define_op(scan_bwd)
+
+
+@torch.library.register_fake("hgrn2::scan_bwd")
 def _(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, scale, reverse, want_dh0):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -539,29 +549,50 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, d_final, d_states, d_seeds):
     q, f, v, lower_bound, initial_state, states, seeds, cu_seqlens = ctx.saved_tensors
     if ctx.recompute_states and not _small_heads(q.shape[-1], v.shape[-1]):
-        states = scan_states(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, ctx.reverse)
+        states = scan_states_op(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, ctx.reverse)
     d_final = d_final if ctx.output_final_state else None
     if do is None:  # only the final state was used (grads are not materialised, see _setup_context)
         do = torch.zeros_like(v)
-    dq, df, dv, db, dh0 = scan_bwd(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, ctx.scale,
+    dq, df, dv, db, dh0 = scan_bwd_op(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, ctx.scale,
                                    ctx.reverse, ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
             dh0 if ctx.has_initial_state else None, None, None, None, None, None, None)
 
 
-scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("hgrn2::scan_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerScan(torch.autograd.Function):
+    """`scan_fwd` with its autograd outside torch.compile: one autograd node around the launcher. The operator's
+    registered autograd runs Python glue at every call, forward and backward (argument defaults, a redispatch
+    below autograd), which torch.compile traces away but eager training pays. `forward` takes the context itself:
+    a Function with a separate `setup_context` binds its arguments to the signature at every call (inspect, 30 us).
+    The backward calls the operators either way, so that torch.compile can trace it."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = scan_fwd(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        return outputs
+
+    backward = staticmethod(_backward)
 
 
 def triton_scan(
     q: Tensor, f: Tensor, i: Tensor, lower_bound: Tensor | None, scale: float, initial_state: Tensor | None,
     cu_seqlens: Tensor | None, reverse: bool, output_final_state: bool, recompute_states: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The scan through the custom op (torch.compile sees one opaque node). The chunk states are kept for
-    autograd, or with `recompute_states` rebuilt in the backward by one more states pass."""
+    """The scan through the operator hgrn2::scan_fwd where torch.compile traces (it sees one opaque node), else
+    through `_EagerScan`, or the launcher alone where no gradient is wanted. The chunk states are kept for autograd, or with `recompute_states` rebuilt in the
+    backward by one more states pass."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
-    o, final, _, _ = scan_fwd(
+    if torch.compiler.is_compiling():
+        scan = scan_fwd_op
+    else:
+        scan = _EagerScan.apply if needs_grad else scan_fwd
+    o, final, _, _ = scan(
         q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
         needs_grad and not recompute_states, output_final_state,
         _forward_chunk(q.dtype, q.shape[-1], i.shape[-1], backward=needs_grad),

@@ -6,7 +6,7 @@ import torch
 
 import kernels.triton_scan as triton_scan
 from kernels import hgrn2_step
-from kernels.triton_decode import decode_step
+from kernels.triton_decode import decode_step, decode_step_op
 from tests.helpers import relative_error
 
 GPU = torch.cuda.is_available()
@@ -106,3 +106,10 @@ def test_hgrn2_step_dispatches_by_device():
 def test_gpu_decode_step_matches_the_oracle(shape, dtype):
     fused = shape.get("V", shape["K"]) == shape["K"]  # the model's fused projection has K == V
     assert_close(compare_with_oracle(**shape, dtype=dtype, fused_projection=fused), dtype)
+
+
+def test_operator_passes_opcheck():
+    """The in-place operator's schema (it mutates `state` alone) and fake kernel agree with the launcher."""
+    q, f, i = (torch.randn(2, 1, 2, 16, device=DEVICE) for _ in range(3))
+    state = torch.randn(2, 2, 16, 16, device=DEVICE)
+    torch.library.opcheck(decode_step_op, (q, f, i, torch.rand(2, 16, device=DEVICE) * 0.9, state, 0.25))

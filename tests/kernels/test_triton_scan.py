@@ -331,6 +331,23 @@ def test_custom_op_compiles_without_graph_break():
     assert torch.allclose(loss, step(q, f, i, b)) and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
+def test_operators_pass_opcheck():
+    """The operators' schemas (no output aliases an input), fake kernels (shapes and dtypes as the launchers'),
+    and the forward's registered autograd agree with what the launchers do (`torch.library.opcheck`, which
+    `torch.library.custom_op` used to stand in for). The backward operators have no gradient of their own."""
+    q, f, i = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    b = (torch.rand(2, 16, device=DEVICE) * 0.9).requires_grad_()
+    for save_states in (True, False):
+        args = (q, f, i, b, None, None, 0.25, False, save_states, True, triton_scan.CHUNK)
+        torch.library.opcheck(triton_scan.scan_fwd_op, args)
+    o, _, states, seeds = triton_scan.scan_fwd(*(x.detach() for x in (q, f, i, b)), None, None, 0.25, True, True,
+                                               False, triton_scan.CHUNK)
+    torch.library.opcheck(triton_scan.scan_states_op, (q, f, i, b, None, seeds, None, True))
+    torch.library.opcheck(triton_scan.scan_bwd_op, (q, f, i, b, None, states, torch.randn_like(o), None, None, 0.25,
+                                                    True, False))
+
+
 # ---- GPU: the full matrix ------------------------------------------------------------------------------------
 
 GPU_CASES = {
