@@ -189,8 +189,10 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       session: at the record shape states 0.54 -> 0.40 ms, dh 0.65 -> 0.56 at T 2K against 64 x 64 tiles). A
       64-wide K block while the 64 x 64 tiles would give at least 2 programs per SM (T 2K, B 16; and cut walks,
       `_segments`), a 32-wide one below it (T 8K, B 4; measured on the whole walks of T 16K, B 2: states 1.14 ->
-      1.03, dh 1.12 -> 1.08), where otherwise most SMs wait. 64-wide heads keep 64 x 64 tiles of 2 warps there
-      (the ViT's), and 32 x 64 ones of 4 below.
+      1.03, dh 1.12 -> 1.08), where otherwise most SMs wait. 64-wide heads take 64 x 64 tiles of 2 warps
+      from 8 such programs per SM (vit_small's 1,536 walks: dh 0.148 ms against 0.164 with 32 x 64), 32 x 64
+      ones of 2 from 2 to 8 (the ViT's 768 walks: states 0.073 -> 0.060 ms, dh 0.092 -> 0.083; twelfth
+      session), of 4 below.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). The grads
@@ -203,7 +205,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
     if kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
-        tiles = dict(BK=min(64, BK), BV=walk_BV, num_warps=4 if walk_BV >= 128 else 2, num_stages=2)
+        wide_v = walk_BV >= 128
+        split_k = not wide_v and _wide_tile_programs(walks, K, V) < 8 * _sm_count(device)
+        tiles = dict(BK=min(32 if split_k else 64, BK), BV=walk_BV, num_warps=4 if wide_v else 2, num_stages=2)
     elif kernel in ("states", "dh"):
         tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=2)
     elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:

@@ -145,6 +145,7 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "fp32 K4 small heads": scan_training_step(torch.float32, 4, H=16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
+    "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),  # the ViTs' walks: 32 x 64 tiles
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
     **{f"{name} K{K} inference": scan_inference(dtype, K) for name, dtype in _NAMES.items() for K in (64, 128, 256)},
     "decode bf16 K128": decode(torch.bfloat16, 128),

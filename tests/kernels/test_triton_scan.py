@@ -370,6 +370,7 @@ GPU_CASES = {
     # bfloat16 keeps the chunk states of heads up to 32 x 32 in float32 (`_wide_dtype`): these run its bfloat16 states
     "head dim 64, gates near 0": dict(T=500, K=64, gate_shift=-20.0, bounded=False),
     "head dim 64, packed reverse": dict(B=1, T=1000, K=64, lengths=[500, 1, 499], reverse=True),
+    "head dim 64, many walks": dict(B=96, T=100, H=3, K=64),  # the ViTs' walks: their own tiles (`_tiles`)
 }
 
 
