@@ -587,8 +587,8 @@ def triton_scan(
     cu_seqlens: Tensor | None, reverse: bool, output_final_state: bool, recompute_states: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The scan through the operator hgrn2::scan_fwd where torch.compile traces (it sees one opaque node), else
-    through `_EagerScan`, or the launcher alone where no gradient is wanted. The chunk states are kept for autograd, or with `recompute_states` rebuilt in the
-    backward by one more states pass."""
+    through `_EagerScan`, or the launcher alone where no gradient is wanted. The chunk states are kept for
+    autograd, or with `recompute_states` rebuilt in the backward by one more states pass."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
