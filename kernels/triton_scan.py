@@ -19,6 +19,7 @@ from kernels.triton_scan_kernels import (
     ONE_LAUNCH,
     _bwd_dh_kernel,
     _bwd_kernel,
+    _fwd_fused_kernel,
     _fwd_output_kernel,
     _fwd_states_kernel,
     _segment_carry_kernel,
@@ -175,6 +176,18 @@ def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
     return INFERENCE_CHUNK
 
 
+def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
+                   device: torch.device) -> bool:
+    """Whether the forward runs as one pass (`_fwd_fused_kernel`) rather than the states and output passes: for
+    bfloat16 heads up to 64 wide, where the walks alone fill the GPU (at least 2 programs per SM, so no walk is
+    cut into segments), of equal lengths (a packed batch's longest sequence would bound it). The ViTs' no-grad
+    forward: 0.155 -> 0.125 ms at T 256, 0.254 -> 0.111 at T 196 (H100, twelfth session). 128-wide heads lose:
+    with one program per walk (128-wide V blocks) 0.86 -> 0.98 ms at the record shape, with two 1.8; float16 and
+    256-wide heads would spill (sm_90a), float32 by kilobytes a thread."""
+    return (cu_seqlens is None and dtype == torch.bfloat16 and _block(max(K, V)) <= 64 and not _small_heads(K, V)
+            and _wide_tile_programs(B * H, K, V) >= 2 * _sm_count(device))
+
+
 TILE_OVERRIDES: dict[str, dict] = {}
 """Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""
 
@@ -214,6 +227,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
         tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
+    elif kernel == "fused":  # 3 stages measured at H 6 only (vit_small's no-grad forward 0.249 -> 0.240 ms)
+        tiles = dict(BK=BK, BV=BV, num_warps=4, num_stages=2)
     elif kernel == "grads":
         if BK == 64:
             BV = min(32, BV)
@@ -377,6 +392,16 @@ def scan_fwd(
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
         return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V))
+    if _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device) and chunk == CHUNK:
+        states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
+        tiles = _tiles("fused", K, V, q.dtype)
+        with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+            _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H),)](
+                q, f, v, bound, h0, o, final, states, layout.cu_seqlens, layout.state_offsets, q.stride(1),
+                f.stride(1), v.stride(1), scale, T, HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state,
+                STORE_STATES=save_states, **tiles, **_constexprs(q, v, lower_bound, layout, reverse),
+            )
+        return o, final, states, q.new_empty(0, K, V, dtype=states.dtype)
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)

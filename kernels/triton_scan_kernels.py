@@ -340,6 +340,19 @@ def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
+def _scores_one_launch(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """The intra-chunk scores of a [C, K] chunk (positions along axis 0) where one launch does every chunk: by one
+    anchor, or by halves or elementwise (`_fallback_scores`, halves only: finer levels' code inline spills)."""
+    G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
+    if anchored:
+        A = _pair_sums(*_anchored_operands(q, k, G, G_mid, OPERAND_DT, 0), PRECISION, 0)
+    else:
+        A = _fallback_scores(q, k, G, offs_c, valid, C, BK, OPERAND_DT, PRECISION, 0, C // 2)[0]
+    return A
+
+
+@triton.jit
 def _fallback_intra_grads(q, k, G, dA, offs_c, block, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
                           PRECISION: tl.constexpr, FINEST: tl.constexpr):
     """The intra-chunk dq and dk ([K, C] tiles) of a chunk `_fallback_scores` took by blocks of `block` positions,
@@ -441,11 +454,17 @@ def _segment_range(i_seg, segment_chunks, n_chunks):
 
 
 @triton.jit
+def _store_state(tiles, slot, S, state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr):
+    """The state tile S at chunk slot `slot` ((chunk state) * H + head) of a [slots, H, K, V] buffer, in its type."""
+    tl.store(tiles + slot * K * V + state_tile, S.to(tiles.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
 def _store_walk_step(tiles, chunk_decays, slot, S, D, state_tile, mask_kv, offs_k, mask_k, i_v, K: tl.constexpr,
                      V: tl.constexpr, SEGMENTED: tl.constexpr):
     """A sequential kernel's tile of chunk slot `slot` ((chunk state) * H + head): the state (or its gradient) in the
     buffer's type and, in a segmented walk, the gate sum D since the segment's start (the first V block writes it)."""
-    tl.store(tiles + slot * K * V + state_tile, S.to(tiles.dtype.element_ty), mask=mask_kv)
+    _store_state(tiles, slot, S, state_tile, mask_kv, K, V)
     if SEGMENTED:
         tl.store(chunk_decays + slot * K + offs_k, D, mask=mask_k & (i_v == 0))
 
@@ -576,17 +595,14 @@ def _fwd_output_kernel(
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
         A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, SMALLEST_BLOCK)[0]
-    else:
+    elif LAUNCH == ANCHORED_LAUNCH:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
-        if LAUNCH == ANCHORED_LAUNCH:
-            _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
-            if not anchored:
-                return
-            A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
-        elif anchored:
-            A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
-        else:
-            A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, C // 2)[0]
+        _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
+        if not anchored:
+            return
+        A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
+    else:
+        A = _scores_one_launch(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
     q_decayed = q_t * _exp(G) * scale
     q_inter = q_decayed.to(WIDE_DT)
@@ -604,6 +620,51 @@ def _fwd_output_kernel(
             seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
             out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
         tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
+
+
+@triton.jit
+def _fwd_fused_kernel(
+    q, f, v, lower_bound, h0, o, final_state, states, cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale,
+    T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+):
+    """The forward in one pass: one program per (sequence, head, V block) walks the sequence's chunks in order
+    holding its [K, BV] state tile in float32 registers, and for each chunk writes the outputs from it (the output
+    kernel's products) before advancing it (the states kernel's). No chunk state is read back from memory, and
+    none is written unless STORE_STATES (for the backward, as the states kernel stores them). Each V block
+    computes the chunk's gate and intra-chunk scores again."""
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, 1, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
+                                        HAS_BOUND, IS_VARLEN)
+    length = eos - bos
+    offs_c = tl.arange(0, C)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    DT = q.dtype.element_ty
+    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
+    n_chunks = tl.cdiv(length, C)
+    for i_t in range(0, n_chunks):
+        if STORE_STATES:
+            _store_state(states, (state_off + i_t) * H + i_h, S, state_tile, mask_kv, K, V)
+        valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
+        mask_ck = valid[:, None] & mask_k[None, :]
+        mask_cv = valid[:, None] & mask_v[None, :]
+        _, k, _, _, G, G_last = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b,
+                                            mask_ck, offs_c, C, 0)
+        q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
+        A = tl.where(causal, _scores_one_launch(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION) * scale,
+                     0.0).to(DT)
+        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
+        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * _exp(G) * scale).to(WIDE_DT), S.to(WIDE_DT),
+                                                                 input_precision=PRECISION)
+        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
+        k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+        S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
+    if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
+        _store_state(states, (state_off + n_chunks) * H + i_h, S, state_tile, mask_kv, K, V)
+    if OUTPUT_FINAL:
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
 
 
 @triton.jit

@@ -145,7 +145,9 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "fp32 K4 small heads": scan_training_step(torch.float32, 4, H=16),
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
-    "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),  # the ViTs' walks: 32 x 64 tiles
+    # the ViTs' walks: one-pass forward (`_fused_forward`), storing the chunk states or not; 32 x 64 dh tiles
+    "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),
+    "bf16 K64 many heads inference": scan_inference(torch.bfloat16, 64, H=144),
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
     **{f"{name} K{K} inference": scan_inference(dtype, K) for name, dtype in _NAMES.items() for K in (64, 128, 256)},
     "decode bf16 K128": decode(torch.bfloat16, 128),

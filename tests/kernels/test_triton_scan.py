@@ -116,11 +116,11 @@ def test_interpreted_kernels_match_the_oracle(case):
 
 @pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
 def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
-    """The states and dh kernels take 64-wide K blocks once there are 2 programs per SM; this few heads
-    get them only on a GPU of one SM (the cases above run the narrow ones)."""
+    """The states and dh kernels take 64-wide K blocks once there are 8 programs per SM (64-wide heads; 128-wide
+    from 2); this few heads get them only on a GPU of one SM (the cases above run the narrow ones)."""
     monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
-    assert triton_scan._tiles("states", 64, 64, torch.float32, walks=4)["BK"] == 64
-    assert_close_to_oracle(compare_with_oracle(T=70, K=64), torch.float32)
+    assert triton_scan._tiles("states", 64, 64, torch.float32, walks=8)["BK"] == 64
+    assert_close_to_oracle(compare_with_oracle(T=70, H=4, K=64), torch.float32)
 
 
 def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
@@ -303,6 +303,35 @@ def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     else:
         monkeypatch.setattr(triton_scan, "_forward_chunk", lambda *args, **kwargs: triton_scan.INFERENCE_CHUNK)
     assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
+
+
+FUSED_CASES = {  # the one-pass forward holds the state through the sequence; its chunks are CHUNK (32) long
+    "T 150": dict(T=150),
+    "gates near 0: elementwise": dict(T=100, gate_shift=-20.0, bounded=False),
+    # about -3 a step: 48 over the 16 steps from a chunk's middle, 24 within a half
+    "gates at exp(-3): by halves": dict(T=130, gate_shift=-3.0, gate_scale=0.1, bounded=False),
+    "reverse, more heads": dict(B=3, T=70, H=5, reverse=True),
+}
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=list(FUSED_CASES))
+def test_fused_forward_matches_the_oracle(case, monkeypatch):
+    """The one-pass forward (`_fwd_fused_kernel`), which the dispatch takes without grad where the walks fill the
+    GPU (`_fused_forward`): forced here whatever the size, and the two-pass kernels barred."""
+    monkeypatch.setattr(triton_scan, "_fused_forward",
+                        lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
+    monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
+    dtype, K = (torch.bfloat16, 64) if GPU else (torch.float32, 16)  # on a GPU the heads it takes (`_fused_forward`)
+    assert_close_to_oracle(forward_errors(dtype, K=K, **FUSED_CASES[case]), dtype)
+
+
+@pytest.mark.parametrize("case", ["T 70", "reverse, no initial state"])
+def test_fused_forward_keeps_the_states_for_the_backward(case, monkeypatch):
+    """Training through the one-pass forward, which stores the chunk states the backward reads."""
+    monkeypatch.setattr(triton_scan, "_fused_forward", lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
+    monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
+    options = dict(T=70) if case == "T 70" else dict(T=100, reverse=True, initial_state=False)
+    assert_close_to_oracle(compare_with_oracle(**options), torch.float32)
 
 
 def test_a_lower_bound_out_of_range_fails_clearly():
