@@ -180,8 +180,9 @@ def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
                    device: torch.device) -> bool:
     """Whether the forward runs as one pass (`_fwd_fused_kernel`) rather than the states and output passes: for
     bfloat16 heads up to 64 wide, where the walks alone fill the GPU (at least 2 programs per SM, so no walk is
-    cut into segments), of equal lengths (a packed batch's longest sequence would bound it). The ViTs' no-grad
-    forward: 0.155 -> 0.125 ms at T 256, 0.254 -> 0.111 at T 196 (H100, twelfth session). 128-wide heads lose:
+    cut into segments), of equal lengths (a packed batch's longest sequence would bound it). A forward that keeps
+    chunk states for the backward stores them from the registers. The ViTs' no-grad forward: 0.155 -> 0.125 ms at
+    T 256, 0.254 -> 0.111 at T 196; their training f+b 0.514 -> 0.498 (H100, twelfth session). 128-wide heads lose:
     with one program per walk (128-wide V blocks) 0.86 -> 0.98 ms at the record shape, with two 1.8; float16 and
     256-wide heads would spill (sm_90a), float32 by kilobytes a thread."""
     return (cu_seqlens is None and dtype == torch.bfloat16 and _block(max(K, V)) <= 64 and not _small_heads(K, V)
@@ -582,8 +583,8 @@ def _backward(ctx, do, d_final, d_states, d_seeds):
     d_final = d_final if ctx.output_final_state else None
     if do is None:  # only the final state was used (grads are not materialised, see _setup_context)
         do = torch.zeros_like(v)
-    dq, df, dv, db, dh0 = scan_bwd_op(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, ctx.scale,
-                                   ctx.reverse, ctx.has_initial_state)
+    dq, df, dv, db, dh0 = scan_bwd_op(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens,
+                                      ctx.scale, ctx.reverse, ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
             dh0 if ctx.has_initial_state else None, None, None, None, None, None, None)
 

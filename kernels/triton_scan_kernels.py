@@ -19,6 +19,8 @@ one fully parallel over them:
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
 With few (sequence, head) walks the two sequential passes cut each walk into segments run at once, joined
 by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan.py, `_segments` and `_Walks`).
+With many walks of small heads the forward is one pass instead (`_fwd_fused_kernel`: the states walk computing
+each chunk's outputs from the state in its registers; when: kernels/triton_scan.py, `_fused_forward`).
 
 Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
 chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
