@@ -314,22 +314,25 @@ FUSED_CASES = {  # the one-pass forward holds the state through the sequence; it
 }
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=list(FUSED_CASES))
-def test_fused_forward_matches_the_oracle(case, monkeypatch):
-    """The one-pass forward (`_fwd_fused_kernel`), which the dispatch takes without grad where the walks fill the
-    GPU (`_fused_forward`): forced here whatever the size, and the two-pass kernels barred."""
-    monkeypatch.setattr(triton_scan, "_fused_forward",
-                        lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
+@pytest.fixture
+def one_pass_forward(monkeypatch):
+    """The one-pass forward (`_fwd_fused_kernel`), which the dispatch takes for many walks of small bf16 heads
+    (`_fused_forward`), forced whatever the size and dtype; the two-pass forward's states kernel barred."""
+    monkeypatch.setattr(triton_scan, "_fused_forward", lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
     monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
+
+
+@pytest.mark.usefixtures("one_pass_forward")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=list(FUSED_CASES))
+def test_fused_forward_matches_the_oracle(case):
     dtype, K = (torch.bfloat16, 64) if GPU else (torch.float32, 16)  # on a GPU the heads it takes (`_fused_forward`)
     assert_close_to_oracle(forward_errors(dtype, K=K, **FUSED_CASES[case]), dtype)
 
 
+@pytest.mark.usefixtures("one_pass_forward")
 @pytest.mark.parametrize("case", ["T 70", "reverse, no initial state"])
-def test_fused_forward_keeps_the_states_for_the_backward(case, monkeypatch):
+def test_fused_forward_keeps_the_states_for_the_backward(case):
     """Training through the one-pass forward, which stores the chunk states the backward reads."""
-    monkeypatch.setattr(triton_scan, "_fused_forward", lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
-    monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
     options = dict(T=70) if case == "T 70" else dict(T=100, reverse=True, initial_state=False)
     assert_close_to_oracle(compare_with_oracle(**options), torch.float32)
 
@@ -346,8 +349,8 @@ def test_a_lower_bound_out_of_range_fails_clearly():
             hgrn2_scan(q, f, i, bound, backend="triton")
 
 
-def test_custom_op_compiles_without_graph_break():
-    """torch.compile(fullgraph=True) fails on any graph break; the scan is one opaque custom op."""
+def test_scan_operator_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) fails on any graph break; the scan is one opaque operator."""
     def step(q, f, i, b):
         o, _ = hgrn2_scan(q, f, i, b, backend="triton")
         return o.float().square().mean()
