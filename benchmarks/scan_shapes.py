@@ -1,4 +1,5 @@
-"""GPU time per call of each scan kernel in one forward + backward, at the shapes the models run: the record shape,
+"""GPU time per call of each scan kernel in one forward + backward, and of a forward without grad (evaluation,
+which may take other kernels: `_forward_chunk`, `_fused_forward`), at the shapes the models run: the record shape,
 the ViTs' (T 256 and, at 16 px patches, 196), packed documents, a length that is not a multiple of 16. bf16, a
 lower bound, fresh random inputs; kernel time from torch.profiler (`scan.kernel_ms`), so the host is left out.
 
@@ -32,7 +33,8 @@ def packed_boundaries(tokens: int, T: int, generator) -> list[int]:
     return [0, *ends[ends < tokens].tolist(), tokens]
 
 
-def training_call(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool):
+def scan_calls(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool):
+    """One scan's forward + backward, the same forward without grad, and the inputs whose gradients accumulate."""
     generator = torch.Generator().manual_seed(0)
     shape = (1, B * T, H, K) if packed else (B, T, H, K)
     q, f, v = (torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3))
@@ -46,7 +48,11 @@ def training_call(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool):
         o, _ = hgrn2_scan(q, f, v, bound, cu_seqlens=cu_seqlens, check_bound=False)
         o.backward(do)
 
-    return forward_backward, [q, f, v, bound]
+    def forward() -> None:
+        with torch.no_grad():
+            hgrn2_scan(q, f, v, bound, cu_seqlens=cu_seqlens, check_bound=False)
+
+    return forward_backward, forward, [q, f, v, bound]
 
 
 def main() -> None:
@@ -62,12 +68,14 @@ def main() -> None:
 
     label = args.kernels_from or str(Path(kernels.__file__).parent.parent)
     for name in args.shapes:
-        call, inputs = training_call(kernels.hgrn2_scan, *SHAPES[name])
-        times = kernel_ms(call, calls=20, grad_to_none=inputs)
+        forward_backward, forward, inputs = scan_calls(kernels.hgrn2_scan, *SHAPES[name])
+        times = kernel_ms(forward_backward, calls=20, grad_to_none=inputs)
         top = "  ".join(f"{kernel[:14]} {ms:.3f}" for kernel, ms in list(times.items())[:4])
+        forward_ms = sum(kernel_ms(forward, calls=20).values())
         B, T, H, K, packed = SHAPES[name]
         shape = f"{name} (B {B}, T {T}, H {H}, K {K}{', packed' if packed else ''})"
-        print(f"{label}  {shape:48s} f+b {sum(times.values()):.3f} ms | {top}", flush=True)
+        print(f"{label}  {shape:48s} f+b {sum(times.values()):.3f} ms | {top} | no-grad forward {forward_ms:.3f} ms",
+              flush=True)
 
 
 if __name__ == "__main__":
