@@ -10,7 +10,8 @@ A candidate that does not fit the GPU (registers, shared memory) is recorded as 
 
     python benchmarks/scan_sweep.py [--lengths 2048 16384] [--out benchmarks/results]
     python benchmarks/scan_sweep.py --tokens 65536 --lengths 256 --heads 3 --head-dim 64 --kernels output grads
-                                    # the ViT-tiny's scans (B 256, T 256, three 64-wide heads)
+                                    # the ViT-tiny's scans (B 256, T 256, three 64-wide heads); with
+                                    # --kernels fused, their one-pass forward
     python benchmarks/scan_sweep.py --smoke     CPU interpreter, tiny shape, two launches per kernel
 """
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a package)
 
 KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "dh": "_bwd_dh_kernel",
-                "grads": "_bwd_kernel"}
+                "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel"}
 
 
 def _grid(**axes) -> list[dict]:
@@ -61,6 +62,8 @@ SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer
     "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 3], HOLD_GATE=[True, False])
     # 4 warps: 255 registers, so 2 programs per SM; at 128 (3 or 4 per SM by shared memory) ptxas spills.
     + _grid(BV=[64], num_warps=[4], num_stages=[2, 3], maxnreg=[128, 168], HOLD_GATE=[True, False]),
+    # The one-pass forward, which replaces states and output for many walks of these heads (`_fused_forward`).
+    "fused": _grid(BV=[32, 64], num_warps=[2, 4, 8], num_stages=[1, 2, 3]),
 }
 
 
@@ -113,7 +116,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=triton_scan.CHUNK, help="the kernels' chunk length C")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(SMALL_HEAD_CANDIDATES),
+                        help="fused: the one-pass forward, at heads of at most 64 with many walks only")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, two launches per kernel")
     args = parser.parse_args()
@@ -132,6 +136,8 @@ def main() -> None:
             # The default launch (it depends on B * H for the sequential kernels) is timed first: the one to beat.
             default = triton_scan._tiles(kernel, K, K, dtype, B * H, torch.device(device))
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
+            if kernel not in pool:
+                raise SystemExit(f"the {kernel} kernel runs for heads of at most 64 only: pass --head-dim 64")
             candidates = [default] + [c for c in pool[kernel] if {**default, **c} != default]
             candidates = candidates[:2] if args.smoke else candidates
             step = training_step(B, T, H, K, dtype, device)
