@@ -110,11 +110,10 @@ def main() -> None:
         print(f"  {name:40s} {per_call_us(fn, args.calls):8.1f}")
     for name in ("public f+b (autograd)", "its launcher, scan_fwd", "its launcher, scan_bwd"):
         with TritonLaunchTimer() as timer:
-            calls = args.calls
-            for _ in range(calls):
+            for _ in range(args.calls):
                 parts[name]()
             torch.cuda.synchronize()
-        print(f"  Triton launches in {name}: {timer.launches / calls:.0f} a call, "
+        print(f"  Triton launches in {name}: {timer.launches / args.calls:.0f} a call, "
               f"{timer.seconds / timer.launches * 1e6:.1f} us each")
     profile = cProfile.Profile()
     profile.enable()
