@@ -18,6 +18,7 @@ import torch
 
 SHAPES = {  # name: (B, T, H, K = V, packed)
     "record": (16, 2048, 16, 128, False),
+    "record-t16k": (2, 16384, 16, 128, False),
     "record-t1000": (32, 1000, 16, 128, False),
     "record-packed": (16, 2048, 16, 128, True),
     "heads64": (16, 2048, 16, 64, False),
