@@ -1,6 +1,7 @@
 """GPU time per call of each scan kernel in one forward + backward, and of a forward without grad (evaluation,
-which may take other kernels: `_forward_chunk`, `_fused_forward`), at the shapes the models run: the record shape,
-the ViTs' (T 256 and, at 16 px patches, 196), packed documents, a length that is not a multiple of 16. bf16, a
+which may take other kernels: `_forward_chunk`, `_fused_forward`), at the shapes the models run: the record shape
+(at T 2K and at T 16K, where the walks are cut into segments), the ViTs' (T 256 and, at 16 px patches, 196), packed
+documents, a length that is not a multiple of 16. bf16, a
 lower bound, fresh random inputs; kernel time from torch.profiler (`scan.kernel_ms`), so the host is left out.
 
 To compare two versions of the kernels in one device call (timings of separate calls differ by a few percent),
