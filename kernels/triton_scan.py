@@ -179,16 +179,17 @@ def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
 def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
                    device: torch.device) -> bool:
     """Whether the forward runs as one pass (`_fwd_fused_kernel`) rather than the states and output passes: for
-    bfloat16 heads up to 64 wide, where the walks alone fill the GPU (more than one program per SM, so no walk is
+    bfloat16 heads up to 64 wide, where the walks alone fill the GPU (more than 4 programs per 3 SMs, so no walk is
     cut into segments), of equal lengths (a packed batch's longest sequence would bound it). A forward that keeps
     chunk states for the backward stores them from the registers. The ViTs' no-grad forward: 0.155 -> 0.125 ms at
     T 256, 0.254 -> 0.111 at T 196; their training f+b 0.514 -> 0.498 (H100, twelfth session). 64-wide heads of an
-    LM (B 16, T 2K, H 16: 1.94 programs per SM): no-grad forward 0.396 -> 0.306 ms, f+b 1.322 -> 1.246
-    (thirteenth session). 128-wide heads lose: with one program per walk (128-wide V blocks) 0.86 -> 0.98 ms at
-    the record shape, with two 1.8; float16 and 256-wide heads would spill (sm_90a), float32 by kilobytes a
-    thread."""
+    LM (T 2K, H 16), two-pass -> one-pass (H100, fourteenth session): at 1.94 programs per SM (B 16) f+b 1.326 ->
+    1.254 ms and no-grad forward 0.396 -> 0.307, at 1.45 (B 12) 1.061 -> 1.053 and 0.326 -> 0.305, but at 1.21
+    (B 10) 0.934 -> 0.952 and 0.295 -> 0.301. 128-wide heads lose: with one program per walk (128-wide V blocks)
+    0.86 -> 0.98 ms at the record shape, with two 1.8; float16 and 256-wide heads would spill (sm_90a), float32 by
+    kilobytes a thread."""
     return (cu_seqlens is None and dtype == torch.bfloat16 and _block(max(K, V)) <= 64 and not _small_heads(K, V)
-            and _wide_tile_programs(B * H, K, V) > _sm_count(device))
+            and 3 * _wide_tile_programs(B * H, K, V) > 4 * _sm_count(device))
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
