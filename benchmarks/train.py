@@ -208,9 +208,10 @@ def main() -> None:
     out = Path(args.out)
     data = make_token_folder(Path(args.data))
     runs = args.run
-    if args.smoke:
+    if args.smoke:  # Inductor's CPU compile of the blocks would take a minute on a cold cache: the smoke runs eager
         smoke_flags = (
-            "--trainer.accelerator cpu --trainer.precision 32 --model.init_args.backbone.d_model 32 "
+            "--trainer.accelerator cpu --trainer.precision 32 --model.init_args.compile_blocks false "
+            "--model.init_args.backbone.d_model 32 "
             "--model.init_args.backbone.n_layers 2 --model.init_args.backbone.expand_ratio 16 "
             "--model.init_args.backbone.mlp_hidden 64 --data.init_args.seq_len 64 --data.init_args.batch_size 2 "
             "--data.init_args.num_workers 0"

@@ -7,13 +7,15 @@ argument types and the specialisation and launch options the dispatch chose) is 
 and ptxas for sm_90a instead, and its SASS searched for global accesses of one 16-bit element. Run in a
 process without TRITON_INTERPRET (tests/kernels/test_sm90_compile.py):
 
-    python -m tests.kernels.sm90_launches     prints one JSON line per launch
+    python -m tests.kernels.sm90_launches [SHARD COUNT]   prints one JSON line per launch (of every COUNT-th
+                                                          case from SHARD: processes that share the work)
 """
 
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -164,7 +166,8 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels rather than interpreting them")
-    for case, run in CASES.items():
+    shard, count = (int(n) for n in sys.argv[1:3]) if len(sys.argv) > 1 else (0, 1)
+    for case, run in list(CASES.items())[shard::count]:
         for launch in record_launches(run):
             print(json.dumps({"case": case, **compile_for_sm90(*launch)}), flush=True)
 
