@@ -11,7 +11,7 @@ with the most stall samples beside their share of the executed instructions. On 
     ncu -i grads.ncu-rep --page source --csv --print-source cuda,sass > grads.csv
     python benchmarks/ncu_lines.py grads.csv [--top 40]
 
-kernels/NOTES.md ("The grads kernel under Nsight Compute") has what it showed.
+kernels/HISTORY.md ("The grads kernel under Nsight Compute") has what it showed.
 """
 
 import argparse

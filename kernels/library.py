@@ -15,7 +15,7 @@ def define_op(launcher: Callable, mutates_args: tuple[str, ...] = ()) -> torch._
     The dispatcher calls `launcher` itself. `torch.library.custom_op` wraps it in Python (an aliasing check and a
     dynamo guard: 45-50 us a call on an H200's host, torch 2.11; with its autograd glue about 300 us on an H100's,
     benchmarks/scan_host.py): more than the kernels of a small scan, and a ViT step makes 48 scan calls
-    (kernels/NOTES.md, twelfth session). `launcher` must not return its inputs or views of them, which custom_op
+    (kernels/HISTORY.md, twelfth session). `launcher` must not return its inputs or views of them, which custom_op
     checked at every call and `torch.library.opcheck` checks in the tests."""
     name = launcher.__name__
     _LIBRARY.define(name + torch.library.infer_schema(launcher, mutates_args=mutates_args))

@@ -28,7 +28,7 @@ from kernels.triton_scan_small import _small_bwd_kernel, _small_fwd_kernel
 
 CHUNK = 32
 """Tokens per chunk of the training scan (the forward that keeps or rebuilds states for a backward, and the
-backward): at 64 the grads kernel's [C, K] tiles spill (kernels/NOTES.md, v1 and v2)."""
+backward): at 64 the grads kernel's [C, K] tiles spill (kernels/HISTORY.md, v1 and v2)."""
 INFERENCE_CHUNK = 64
 """Tokens per chunk of a forward no backward follows, where `_forward_chunk` says: half the chunk states to write
 and read back."""
@@ -68,7 +68,7 @@ def _small_heads(K: int, V: int) -> bool:
 def _small_head_tiles(K: int, V: int) -> dict:
     """Padded K and V of the small-head kernels, and a warp for every 32 state entries. One head per program: each
     program walks a chain of dependent chunk steps, and more heads per program (fewer programs) or a head's V split
-    over several programs (more, each loading the head's q and f again) were both slower (kernels/NOTES.md, eighth
+    over several programs (more, each loading the head's q and f again) were both slower (kernels/HISTORY.md, eighth
     session)."""
     KP, VP = _next_power_of_2(K), _next_power_of_2(V)
     return dict(KP=KP, VP=VP, num_warps=max(1, KP * VP // 32))
@@ -170,7 +170,7 @@ def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
     """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for bfloat16 heads of 128-wide tiles (the
     record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK. 64-wide heads lose at 64 (the
     ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output kernel that pass the 227 KiB of
-    shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/NOTES.md, ninth session)."""
+    shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/HISTORY.md, ninth session)."""
     if backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128:
         return CHUNK
     return INFERENCE_CHUNK
@@ -200,9 +200,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
            device: torch.device | None = None) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/NOTES.md, "v3.1 on the H100"):
+    the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
-      computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/NOTES.md, seventh
+      computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
       session: at the record shape states 0.54 -> 0.40 ms, dh 0.65 -> 0.56 at T 2K against 64 x 64 tiles). A
       64-wide K block while the 64 x 64 tiles would give at least 2 programs per SM (T 2K, B 16; and cut walks,
       `_segments`), a 32-wide one below it (T 8K, B 4; measured on the whole walks of T 16K, B 2: states 1.14 ->
@@ -214,7 +214,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). The grads
       kernel of 64-wide heads takes a 32-wide V block since its q and gate copies are chunk-major (the ViT's
-      shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/NOTES.md, eleventh session). No
+      shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
       grads kernel's state tiles are float32 (float32 and float16 inputs) at K 256 a 32-wide V block there (302
       KiB at 64)."""
@@ -331,7 +331,7 @@ def _wide_dtype(x: Tensor, K: int, V: int) -> torch.dtype:
     them): their states cost little in float32 (K V / C values per token against K of q), and in bfloat16 the
     lower bound's gradient of a layer with few channels (H K = 16: a handful of sums that cancel) had a tail
     past 1e-2 of relative error (1 draw in about 50; largest of 30 draws 7.4e-3 against 4.1e-3 in float32,
-    kernels/NOTES.md, ninth session). The backward's anchored operands are always float32 (tf32): the gate
+    kernels/HISTORY.md, ninth session). The backward's anchored operands are always float32 (tf32): the gate
     gradient q dq - k dk cancels the pairs that do not span a step, and bfloat16 rounding would leave that
     noisy."""
     if x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and K * V <= FLOAT32_STATE_ENTRIES):

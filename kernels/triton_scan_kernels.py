@@ -183,7 +183,7 @@ def _by_time(chunk, offs_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl
     scan). The dh walk writes whole chunks, zeros past a sequence's end, and the grads kernel reads them masked by
     channel alone. So each tile is one contiguous, aligned block that Triton moves in 16-byte vectors whatever T
     or the packed sequences' starts: a [B, H, K, T] copy, masked by position, went element by element where T is
-    not a multiple of 16 (the ViT's T 196: dh walk 0.186 ms against 0.093 at T 256; kernels/NOTES.md, eleventh
+    not a multiple of 16 (the ViT's T 196: dh walk 0.186 ms against 0.093 at T 256; kernels/HISTORY.md, eleventh
     session)."""
     return ((chunk * H + i_h) * K + offs_k[:, None]) * C + offs_c[None, :]
 
@@ -326,7 +326,7 @@ def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, 
     masks), from float32 q, k with positions along AXIS, and the size of the blocks it took (`_anchored_block`; 0:
     elementwise, 10x slower than the anchored matmul: the output kernel at the record shape 5.6 ms against 0.56,
     ninth session). The no-grad forward's chunks of 64 at the record shape with forget logits N(-3, 1) and no bound
-    took 11.7 ms elementwise, 1.66 by quarters (H100, kernels/NOTES.md, tenth session). FINEST: SMALLEST_BLOCK, or
+    took 11.7 ms elementwise, 1.66 by quarters (H100, kernels/HISTORY.md, tenth session). FINEST: SMALLEST_BLOCK, or
     C / 2 for the halves only: the output kernel's single launch at C 32, whose anchored chunks the finer levels'
     code inline cost 6% (spills)."""
     block = _anchored_block(G, offs_c, valid, FINEST, C, AXIS)
@@ -575,7 +575,7 @@ def _fwd_output_kernel(
     WIDE_DT: tl.constexpr, SEEDED: tl.constexpr, LAUNCH: tl.constexpr,
 ):
     """LAUNCH: ONE_LAUNCH at C 32, where the fallback's code inline cost the anchored chunks nothing measurable and a
-    second launch cost 12-24 us (kernels/NOTES.md, ninth session); ANCHORED_LAUNCH then FALLBACK_LAUNCH at C 64,
+    second launch cost 12-24 us (kernels/HISTORY.md, ninth session); ANCHORED_LAUNCH then FALLBACK_LAUNCH at C 64,
     where it spills (kernels/triton_scan.py, `scan_fwd`).
 
     SEEDED: the chunk states are a segmented walk's local ones; the true state at a chunk's start is local + exp(D)
@@ -783,12 +783,12 @@ def _bwd_kernel(
     (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by anchored blocks
     or elementwise (`_fallback_scores`). Fallback code in the same launch costs the anchored chunks registers and
     spills even though it never runs for them: at the record shape (H100) this kernel took 1.93 ms with the
-    elementwise path inline, 2.10 with the halves too, and 1.75 split (kernels/NOTES.md, ninth session).
+    elementwise path inline, 2.10 with the halves too, and 1.75 split (kernels/HISTORY.md, ninth session).
 
     Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
     this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape with the copy of f
-    (NOTES.md, v4), 1.91 with the copy of q too (NOTES.md, fifth and sixth sessions)."""
+    (HISTORY.md, v4), 1.91 with the copy of q too (HISTORY.md, fifth and sixth sessions)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
@@ -808,7 +808,7 @@ def _bwd_kernel(
     # Registers bound this kernel (255 per thread, one 8-warp program per SM). HOLD_GATE keeps the gate, q and
     # the anchored operands across the V loop; otherwise only what the loop needs (A, k_end) is held, and the
     # gate and q are read again after it and recomputed. Recomputing is 55% slower at bf16 on the H100
-    # (kernels/NOTES.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
+    # (kernels/HISTORY.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
     # spills): 16-bit inputs hold, float32 recomputes.
     g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=copied, other=0.0), b, one_minus_b, mask_kc,
                                                 offs_c, C, 1)

@@ -43,7 +43,7 @@ def test_every_launch_compiles_for_sm90_within_limits_moving_16bit_tiles_in_vect
             continue
         # Their T (100, 200) is not a multiple of 16: a tile of 16-bit values whose alignment or mask Triton cannot
         # prove moves element by element. The backward's copies of q and f did (its dh walk 2x slower at the ViT's
-        # T 196; kernels/NOTES.md, eleventh session).
+        # T 196; kernels/HISTORY.md, eleventh session).
         element_by_element = [(launch["kernel"], launch["global_16bit_accesses"]) for launch in compiled
                               if launch["global_16bit_accesses"]]
         assert not element_by_element, (case, element_by_element)
