@@ -305,6 +305,16 @@ def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
 
 
+def test_the_one_pass_forward_takes_more_than_4_programs_per_3_sms():
+    """Where `_fused_forward` switches (64-wide bf16 heads, T 2K, H 16 on the H100's 132 SMs, fourteenth session):
+    the two-pass forward won at 1.21 and 1.33 programs per SM (B 10, 11), the one-pass from 1.45 (B 12)."""
+    fused = lambda B, K=64, dtype=torch.bfloat16, cu_seqlens=None: triton_scan._fused_forward(
+        B, 16, K, K, dtype, cu_seqlens, None)
+    assert [fused(B) for B in (10, 11, 12, 16)] == [False, False, True, True]
+    assert not fused(16, K=128) and not fused(16, dtype=torch.float16)
+    assert not fused(16, cu_seqlens=torch.tensor([0, 5]))
+
+
 FUSED_CASES = {  # the one-pass forward holds the state through the sequence; its chunks are CHUNK (32) long
     "T 150": dict(T=150),
     "gates near 0: elementwise": dict(T=100, gate_shift=-20.0, bounded=False),
