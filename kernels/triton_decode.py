@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kernels.library import define_op
 from kernels.triton_scan import _cdiv, _empty, _next_power_of_2, _row_stride
-from kernels.triton_scan_kernels import _bound, _exp, _gate
+from kernels.triton_scan_chunk import _bound, _exp, _gate
 
 
 @triton.jit

@@ -22,87 +22,35 @@ by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan
 With many walks of small heads the forward is one pass instead (`_fwd_fused_kernel`: the states walk computing
 each chunk's outputs from the state in its registers; when: kernels/triton_scan.py, `_fused_forward`).
 
-Intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) are a matmul after anchoring at the
-chunk's middle row m: (q exp(G - G_m)) (k exp(G_m - G))^T. That is exact as long as no exponent
-leaves float range, which the kernel checks per chunk (|G - G_m| <= 40); a chunk with a wider gate
-range (gates near 0 without a lower bound) is cut into halves, quarters (or eighths) anchored at their own
-middles, and takes an exact elementwise path only where blocks of 8 are too wide as well (`_fallback_scores`).
+One chunk's math (the gate, the cumulative gate, the intra-chunk scores and their gradients) is
+kernels/triton_scan_chunk.py's.
 """
-
-import os
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-FLOAT32_TINY = tl.constexpr(1.1754944e-38)
-"""Smallest normal float32: GPUs flush what lies below it to 0."""
-ANCHOR_RANGE = tl.constexpr(40.0)
-"""Largest |G - G_m| of the matmul path: exp(+-2 * 40) stays far inside float32 and bfloat16 range."""
-LOG2_E = tl.constexpr(1.4426950408889634)
-SMALLEST_BLOCK = tl.constexpr(8)
-"""The fallback's finest blocks (`_fallback_scores`): 4 steps each way from their anchor, gates down to about
-exp(-10) a step."""
-MAX_LEVELS = tl.constexpr(3)
-"""Levels of blocks a chunk of at most 64 is cut into before SMALLEST_BLOCK: halves, quarters, eighths."""
+from kernels.triton_scan_chunk import (
+    SMALLEST_BLOCK,
+    _anchor,
+    _anchored_operands,
+    _bound,
+    _chunk_gate,
+    _exp,
+    _fallback_intra_grads,
+    _fallback_scores,
+    _gate,
+    _gate_grad_factors,
+    _pair_sums,
+    _per_channel,
+    _scores_one_launch,
+)
+
 ONE_LAUNCH = tl.constexpr(0)
 """A chunk-parallel kernel launched once: every chunk, its fallback path inline."""
 ANCHORED_LAUNCH = tl.constexpr(1)
 """The first of two launches: the chunks one anchor spans; the others are marked in `flags` and left."""
 FALLBACK_LAUNCH = tl.constexpr(2)
 """The second: only the chunks the first marked, by anchored blocks or elementwise (`_fallback_scores`)."""
-FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
-"""The GPU's approximate logarithm (the interpreter has no libdevice fast_logf; the GPU tests cover it)."""
-
-
-@triton.jit
-def _exp(x):
-    """e^x as a multiply and one ex2.approx.ftz. tl.exp adds two instructions per element to keep subnormal
-    results (below 1.2e-38), which nothing here needs: such a decay is 0 for every sum it enters."""
-    return tl.exp2(x * LOG2_E)
-
-
-@triton.jit
-def _log(x):
-    """log(x) for normal x: lg2.approx and a multiply on the GPU, instead of libdevice's ~20-instruction
-    polynomial (tl.log). The gate is the only logarithm: every kernel evaluates it per element it touches."""
-    if FAST_LOG:
-        return libdevice.fast_logf(x)
-    return tl.log(x)
-
-
-@triton.jit
-def _sigmoids(f):
-    """sigmoid(f) and sigmoid(-f), from one exponential and one reciprocal, neither overflowing."""
-    e = _exp(-tl.abs(f))
-    r = 1 / (1 + e)  # sigmoid(|f|)
-    return tl.where(f >= 0, r, e * r), tl.where(f >= 0, e * r, r)
-
-
-@triton.jit
-def _gate(f, b, one_minus_b, mask):
-    """g = log(lambda) and k = 1 - lambda from fp32 logits f, with sigmoid(f) and sigmoid(-f) for the backward;
-    zero where masked. lambda = b + (1 - b) sigmoid(f), k = (1 - b) sigmoid(-f), b = 0 without a bound; b and
-    1 - b come broadcastable to f's tile (`_per_channel`).
-
-    Three special-function operations per element (an exponential, a reciprocal, a logarithm), which is
-    what bounds the kernels' arithmetic: each computes the gate of every element it touches. lambda is a
-    sum of positive terms, never a difference, so g is right to about 1e-7 of its size. Where b is 0,
-    lambda = sigmoid(f) underflows below f = -87; it is held at float32's smallest normal there, a decay
-    to 0 within one step either way (the backward's chain rule does not go through lambda there)."""
-    sig, sig_neg = _sigmoids(f)
-    k = one_minus_b * sig_neg
-    g = _log(tl.maximum(b + one_minus_b * sig, FLOAT32_TINY))
-    return tl.where(mask, g, 0.0), tl.where(mask, k, 0.0), sig, sig_neg
-
-
-@triton.jit
-def _bound(lower_bound, i_h, offs_k, mask_k, K: tl.constexpr, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """b and 1 - b of the head's K channels (0 and 1 when there is no bound)."""
-    b = tl.zeros([BK], dtype=tl.float32)
-    if HAS_BOUND:
-        b += tl.load(lower_bound + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    return b, 1 - b
 
 
 @triton.jit
@@ -144,33 +92,6 @@ def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _per_channel(x, AXIS: tl.constexpr):
-    """A per-channel vector ([K]) broadcastable to a chunk tile whose positions lie along AXIS: [C, K] when AXIS
-    is 0, [K, C] when 1."""
-    if AXIS == 0:
-        y = x[None, :]
-    else:
-        y = x[:, None]
-    return y
-
-
-@triton.jit
-def _per_position(x, AXIS: tl.constexpr):
-    """A per-position vector ([C]) broadcastable to a chunk tile whose positions lie along AXIS."""
-    if AXIS == 0:
-        y = x[:, None]
-    else:
-        y = x[None, :]
-    return y
-
-
-@triton.jit
-def _position(x, offs_c, m, AXIS: tl.constexpr):
-    """Position m of a chunk tile (positions along AXIS), as a per-channel vector."""
-    return tl.sum(tl.where(_per_position(offs_c == m, AXIS), x, 0.0), axis=AXIS)
-
-
-@triton.jit
 def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
     """The [C, block] tile of head i_h of a [rows, H, D] tensor (row stride `stride`) at the chunk's memory rows."""
     return tl.load(x + rows[:, None] * stride + i_h * D + offs[None, :], mask=mask, other=0.0)
@@ -189,190 +110,6 @@ def _by_time(chunk, offs_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl
 
 
 @triton.jit
-def _chunk_gate(f_t, b, one_minus_b, mask, offs_c, C: tl.constexpr, AXIS: tl.constexpr):
-    """The gate of one chunk from its forget logits f_t (positions along AXIS): `_gate`'s g, k, sigmoid(+-f), then
-    the cumulative gate G from the chunk's start and its last position G_last, the decay across the whole chunk."""
-    g, k, sig, sig_neg = _gate(f_t.to(tl.float32), _per_channel(b, AXIS), _per_channel(one_minus_b, AXIS), mask)
-    G = tl.cumsum(g, axis=AXIS)
-    return g, k, sig, sig_neg, G, _position(G, offs_c, C - 1, AXIS)
-
-
-@triton.jit
-def _anchor(G, offs_c, valid, C: tl.constexpr, AXIS: tl.constexpr):
-    """The anchor position G_m and whether every |G - G_m| of the chunk is within the matmul path's range."""
-    G_mid = _position(G, offs_c, C // 2 - 1, AXIS)
-    spread = tl.max(tl.max(tl.where(_per_position(valid, AXIS), tl.abs(G - _per_channel(G_mid, AXIS)), 0.0), axis=1),
-                    axis=0)
-    return G_mid, spread <= ANCHOR_RANGE
-
-
-@triton.jit
-def _scores_exact(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr):
-    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk), one key at a time: no exponent is ever positive."""
-    A = tl.zeros([C, C], dtype=tl.float32)
-    for s in range(C):
-        k_s = _position(k, offs_c, s, 0)
-        G_s = _position(G, offs_c, s, 0)
-        column = tl.sum(q * k_s[None, :] * _exp(tl.minimum(G - G_s[None, :], 0.0)), axis=1)
-        A = tl.where(offs_c[None, :] == s, column[:, None], A)
-    return A
-
-
-@triton.jit
-def _anchored_operands(q, k, G, G_mid, OPERAND_DT: tl.constexpr, AXIS: tl.constexpr):
-    """The anchored operands q exp(G - G_m) and k exp(G_m - G) in OPERAND_DT, positions along AXIS."""
-    return ((q * _exp(G - _per_channel(G_mid, AXIS))).to(OPERAND_DT),
-            (k * _exp(_per_channel(G_mid, AXIS) - G)).to(OPERAND_DT))
-
-
-@triton.jit
-def _pair_sums(a, b, PRECISION: tl.constexpr, AXIS: tl.constexpr):
-    """The [C, C] sums over channels of a_t b_s, for tiles with positions along AXIS."""
-    if AXIS == 0:
-        sums = tl.dot(a, tl.trans(b), input_precision=PRECISION)
-    else:
-        sums = tl.dot(tl.trans(a), b, input_precision=PRECISION)
-    return sums
-
-
-@triton.jit
-def _block_anchors(G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
-    """G at the middle of each position's block of BLOCK positions, as a tile like G."""
-    anchors = _per_channel(_position(G, offs_c, BLOCK // 2 - 1, AXIS), AXIS)
-    for j in tl.static_range(1, C // BLOCK):
-        anchor = _per_channel(_position(G, offs_c, j * BLOCK + BLOCK // 2 - 1, AXIS), AXIS)
-        anchors = tl.where(_per_position(offs_c // BLOCK == j, AXIS), anchor, anchors)
-    return anchors
-
-
-@triton.jit
-def _anchored_by_blocks(G, offs_c, valid, BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
-    """Whether a chunk that one anchor cannot span can be cut into blocks of BLOCK positions, each anchored at its own
-    middle: every |G - G_j| within range, G_j the `_block_anchors`. An anchor of half the span passes gates twice as
-    steep in log (halves at C 32: down to about exp(-5) a step, against exp(-2.5) for one anchor); the pairs across
-    blocks need no check (`_across_blocks`)."""
-    spread = tl.max(tl.max(tl.where(_per_position(valid, AXIS),
-                                    tl.abs(G - _block_anchors(G, offs_c, BLOCK, C, AXIS)), 0.0), axis=1), axis=0)
-    return spread <= ANCHOR_RANGE
-
-
-@triton.jit
-def _same_block(offs_c, BLOCK: tl.constexpr):
-    """The [C, C] pairs whose positions lie in the same block of BLOCK positions."""
-    return (offs_c[:, None] // BLOCK) == (offs_c[None, :] // BLOCK)
-
-
-@triton.jit
-def _across_blocks(G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
-    """The two factors of the decay of a pair across two neighbouring blocks of BLOCK positions that together make one
-    block of 2 BLOCK (query in the second, key in the first): exp(G - G_b) on the second blocks' positions and
-    exp(G_b - G) on the first blocks', zero on the others, G_b at the first block's last position. Each is at most 1
-    whatever the gates, so this needs no range check; their pair sums hold only within one block of 2 BLOCK."""
-    boundaries = _per_channel(_position(G, offs_c, BLOCK - 1, AXIS), AXIS)
-    for j in tl.static_range(1, C // (2 * BLOCK)):
-        boundary = _per_channel(_position(G, offs_c, (2 * j + 1) * BLOCK - 1, AXIS), AXIS)
-        boundaries = tl.where(_per_position(offs_c // (2 * BLOCK) == j, AXIS), boundary, boundaries)
-    second = _per_position((offs_c // BLOCK) % 2 == 1, AXIS)
-    return (tl.where(second, _exp(tl.minimum(G - boundaries, 0.0)), 0.0),
-            tl.where(second, 0.0, _exp(tl.minimum(boundaries - G, 0.0))))
-
-
-@triton.jit
-def _scores_by_blocks(q, k, G, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, OPERAND_DT: tl.constexpr,
-                      PRECISION: tl.constexpr, AXIS: tl.constexpr):
-    """The intra-chunk scores of a chunk cut into anchored blocks of BLOCK positions (`_anchored_by_blocks`): one
-    matmul for the pairs within a block, then one for each level of pairs across blocks, BLOCK, 2 BLOCK, ... C / 2
-    (`_across_blocks`)."""
-    G_block = _block_anchors(G, offs_c, BLOCK, C, AXIS)
-    A = tl.where(_same_block(offs_c, BLOCK), _pair_sums((q * _exp(G - G_block)).to(OPERAND_DT),
-                                                       (k * _exp(G_block - G)).to(OPERAND_DT), PRECISION, AXIS), 0.0)
-    for level in tl.static_range(MAX_LEVELS):
-        if (BLOCK << level) < C:
-            q_across, k_across = _across_blocks(G, offs_c, BLOCK << level, C, AXIS)
-            across = _pair_sums((q * q_across).to(OPERAND_DT), (k * k_across).to(OPERAND_DT), PRECISION, AXIS)
-            if (BLOCK << (level + 1)) < C:
-                across = tl.where(_same_block(offs_c, BLOCK << (level + 1)), across, 0.0)
-            A += across
-    return A
-
-
-@triton.jit
-def _scores_elementwise(q, k, G, offs_c, C: tl.constexpr, BK: tl.constexpr, AXIS: tl.constexpr):
-    """`_scores_exact` for tiles with positions along AXIS."""
-    if AXIS == 0:
-        A = _scores_exact(q, k, G, offs_c, C, BK)
-    else:
-        A = _scores_exact(tl.trans(q), tl.trans(k), tl.trans(G), offs_c, C, BK)
-    return A
-
-
-@triton.jit
-def _anchored_block(G, offs_c, valid, FINEST: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr):
-    """The widest blocks, C / 2, C / 4, ... down to FINEST positions, that can all be anchored at their own
-    middles (`_anchored_by_blocks`): their size, or 0 where none can. Each level passes gates twice as steep in log."""
-    block = 0
-    for level in tl.static_range(1, MAX_LEVELS + 1):
-        if (C >> level) >= FINEST:
-            if block == 0:
-                if _anchored_by_blocks(G, offs_c, valid, C >> level, C, AXIS):
-                    block = C >> level
-    return block
-
-
-@triton.jit
-def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                     PRECISION: tl.constexpr, AXIS: tl.constexpr, FINEST: tl.constexpr):
-    """A[t, s] = sum_k q_tk k_sk exp(G_tk - G_sk) for every (t, s) of a chunk that one anchor cannot span (the caller
-    masks), from float32 q, k with positions along AXIS, and the size of the blocks it took (`_anchored_block`; 0:
-    elementwise, 10x slower than the anchored matmul: the output kernel at the record shape 5.6 ms against 0.56,
-    ninth session). The no-grad forward's chunks of 64 at the record shape with forget logits N(-3, 1) and no bound
-    took 11.7 ms elementwise, 1.66 by quarters (H100, kernels/HISTORY.md, tenth session). FINEST: SMALLEST_BLOCK, or
-    C / 2 for the halves only: the output kernel's single launch at C 32, whose anchored chunks the finer levels'
-    code inline cost 6% (spills)."""
-    block = _anchored_block(G, offs_c, valid, FINEST, C, AXIS)
-    if block == 0:
-        A = _scores_elementwise(q, k, G, offs_c, C, BK, AXIS)
-    else:
-        A = tl.zeros([C, C], dtype=tl.float32)
-        for level in tl.static_range(1, MAX_LEVELS + 1):
-            if (C >> level) >= FINEST:
-                if block == C >> level:
-                    A = _scores_by_blocks(q, k, G, offs_c, C >> level, C, OPERAND_DT, PRECISION, AXIS)
-    return A, block
-
-
-@triton.jit
-def _scores_one_launch(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """The intra-chunk scores of a [C, K] chunk (positions along axis 0) where one launch does every chunk: by one
-    anchor, or by halves or elementwise (`_fallback_scores`, halves only: finer levels' code inline spills)."""
-    G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
-    if anchored:
-        A = _pair_sums(*_anchored_operands(q, k, G, G_mid, OPERAND_DT, 0), PRECISION, 0)
-    else:
-        A = _fallback_scores(q, k, G, offs_c, valid, C, BK, OPERAND_DT, PRECISION, 0, C // 2)[0]
-    return A
-
-
-@triton.jit
-def _fallback_intra_grads(q, k, G, dA, offs_c, block, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                          PRECISION: tl.constexpr, FINEST: tl.constexpr):
-    """The intra-chunk dq and dk ([K, C] tiles) of a chunk `_fallback_scores` took by blocks of `block` positions,
-    or elementwise (0)."""
-    if block == 0:
-        dq_ck, dk_ck = _intra_grads_exact(tl.trans(q), tl.trans(k), tl.trans(G), dA, offs_c, C, BK)
-        dq, dk = tl.trans(dq_ck), tl.trans(dk_ck)
-    else:
-        dq = tl.zeros([BK, C], dtype=tl.float32)
-        dk = tl.zeros([BK, C], dtype=tl.float32)
-        for level in tl.static_range(1, MAX_LEVELS + 1):
-            if (C >> level) >= FINEST:
-                if block == C >> level:
-                    dq, dk = _intra_grads_by_blocks(q, k, G, dA, offs_c, C >> level, C, OPERAND_DT, PRECISION)
-    return dq, dk
-
-
-@triton.jit
 def _mark_for_the_fallback(flags, i_c, i_h, H: tl.constexpr, anchored):
     """The first launch of a chunk-parallel kernel leaves chunk i_c of head i_h to the fallback launch unless
     `anchored` (every program writes its byte: the buffer needs no zeroing)."""
@@ -383,44 +120,6 @@ def _mark_for_the_fallback(flags, i_c, i_h, H: tl.constexpr, anchored):
 def _left_to_the_fallback(flags, i_c, i_h, H: tl.constexpr):
     """Whether the first launch of a chunk-parallel kernel left chunk i_c of head i_h to the fallback launch."""
     return tl.load(flags + i_c * H + i_h) != 0
-
-
-@triton.jit
-def _intra_grads_exact(q, k, G, dA, offs_c, C: tl.constexpr, BK: tl.constexpr):
-    """dq_t = sum_s dA[t, s] k_s exp(G_t - G_s) and dk_s = sum_t dA[t, s] q_t exp(G_t - G_s), elementwise."""
-    dq = tl.zeros([C, BK], dtype=tl.float32)
-    dk = tl.zeros([C, BK], dtype=tl.float32)
-    for s in range(C):
-        k_s = _position(k, offs_c, s, 0)
-        G_s = _position(G, offs_c, s, 0)
-        decay = _exp(tl.minimum(G - G_s[None, :], 0.0))
-        dA_s = tl.sum(tl.where(offs_c[None, :] == s, dA, 0.0), axis=1)
-        dq += dA_s[:, None] * k_s[None, :] * decay
-        dk_s = tl.sum(dA_s[:, None] * q * decay, axis=0)
-        dk = tl.where((offs_c == s)[:, None], dk_s[None, :], dk)
-    return dq, dk
-
-
-@triton.jit
-def _intra_grads_by_blocks(q, k, G, dA, offs_c, BLOCK: tl.constexpr, C: tl.constexpr, OPERAND_DT: tl.constexpr,
-                           PRECISION: tl.constexpr):
-    """`_intra_grads_exact`'s dq and dk ([K, C] tiles here) by the blocks' matmuls, as `_scores_by_blocks` takes
-    the scores."""
-    G_block = _block_anchors(G, offs_c, BLOCK, C, 1)
-    up, down = _exp(G - G_block), _exp(G_block - G)
-    dA_within = tl.where(_same_block(offs_c, BLOCK), dA, 0.0).to(OPERAND_DT)
-    dq = up * tl.dot((k * down).to(OPERAND_DT), tl.trans(dA_within), input_precision=PRECISION)
-    dk = down * tl.dot((q * up).to(OPERAND_DT), dA_within, input_precision=PRECISION)
-    for level in tl.static_range(MAX_LEVELS):
-        if (BLOCK << level) < C:
-            q_across, k_across = _across_blocks(G, offs_c, BLOCK << level, C, 1)
-            dA_across = dA
-            if (BLOCK << (level + 1)) < C:
-                dA_across = tl.where(_same_block(offs_c, BLOCK << (level + 1)), dA, 0.0)
-            dA_across = dA_across.to(OPERAND_DT)
-            dq += q_across * tl.dot((k * k_across).to(OPERAND_DT), tl.trans(dA_across), input_precision=PRECISION)
-            dk += k_across * tl.dot((q * q_across).to(OPERAND_DT), dA_across, input_precision=PRECISION)
-    return dq, dk
 
 
 @triton.jit
@@ -772,13 +471,6 @@ def _segment_carry_kernel(
 
 
 @triton.jit
-def _gate_grad_factors(g, sig, sig_neg, one_minus_b):
-    """(1 - b) sigmoid(f) and d log(lambda) / db = sigmoid(-f) / lambda ([K, C] tiles): with k, what turns the
-    gradients of log(lambda) and of k into df and db (`_bwd_kernel`)."""
-    return one_minus_b[:, None] * sig, sig_neg * _exp(-g)
-
-
-@triton.jit
 def _bwd_kernel(
     q_by_time, f_by_time, v, do, lower_bound, states, dstates, dq, df, dv, db, flags, cu_seqlens, state_offsets,
     chunk_table, stride_v, scale, T,
@@ -906,3 +598,4 @@ def _bwd_kernel(
     else:
         df_t = k * (dg - sig_share * dk_t)
     tl.store(df + channel_rows, df_t.to(df.dtype.element_ty), mask=mask_kc)
+

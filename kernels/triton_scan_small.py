@@ -13,7 +13,8 @@ dk = sum_v D_t i_t, di = sum_k D_t k_t and d lambda = sum_v D_t S_{t-1}.
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_kernels import _chunk_rows, _sequence, _sigmoids
+from kernels.triton_scan_chunk import _sigmoids
+from kernels.triton_scan_kernels import _chunk_rows, _sequence
 
 
 @triton.jit
