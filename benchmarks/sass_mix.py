@@ -58,26 +58,18 @@ def compiled_sass(case: str, kernel_name: str, launch: int | None) -> tuple[str,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.kernels import sm90_launches
 
-    compiled = {}
-    original = triton.compile
-
-    def keep(*args, **kwargs):
-        compiled["kernel"] = original(*args, **kwargs)
-        return compiled["kernel"]
-
-    sm90_launches.triton.compile = keep
-    for kernel, grid, args, kwargs in sm90_launches.record_launches(sm90_launches.CASES[case]):
+    for kernel, _, args, kwargs in sm90_launches.record_launches(sm90_launches.CASES[case]):
         if kernel.__name__ == kernel_name and (launch is None or kwargs.get("LAUNCH") == launch):
-            info = sm90_launches.compile_for_sm90(kernel, grid, args, kwargs)
+            compiled, options = sm90_launches.compile_launch(kernel, args, kwargs)
             break
     else:
         raise SystemExit(f"case {case!r} launches no {kernel_name}" + (f" with LAUNCH {launch}" if launch else ""))
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled["kernel"].asm["cubin"])
+        cubin.write(compiled.asm["cubin"])
         cubin.flush()
         sass = subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
-    return sass, info
+    return sass, {**options, **kwargs}
 
 
 def main() -> None:

@@ -45,9 +45,10 @@ def record_launches(run) -> list[tuple]:
     return launches
 
 
-def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
-    """Compiles one recorded launch as the runtime would specialise it: pointers and multiples of 16 marked
-    16-divisible, the constexprs and num_warps / num_stages the dispatch passed."""
+def compile_launch(kernel, args, kwargs):
+    """Compiles one recorded launch for sm_90a as the runtime would specialise it: pointers and multiples of 16
+    marked 16-divisible, the constexprs and num_warps / num_stages the dispatch passed. Returns the compiled
+    kernel and its launch options."""
     names = kernel.arg_names
     constexprs = {(names.index(name),): value for name, value in kwargs.items() if name in names}
     options = {name: value for name, value in kwargs.items() if name not in names}
@@ -65,7 +66,12 @@ def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
     for name in names[len(args):]:
         signature[name] = "constexpr"
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), options
+
+
+def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
+    """`compile_launch`, summed up: shared memory, 16-bit global accesses, the launch's options and head sizes."""
+    compiled, options = compile_launch(kernel, args, kwargs)
     return {"kernel": kernel.__name__, "grid": list(grid), "shared_bytes": compiled.metadata.shared,
             "global_16bit_accesses": _global_16bit_accesses(compiled.asm["cubin"]), **options,
             **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
