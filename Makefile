@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 GPU_WHEELS := omegaconf==2.4.0 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 \
 	flash-linear-attention==0.6.0 fla-core==0.6.0
 
-.PHONY: install demo test test-gpu bench bench-scaling wheels lint clean
+.PHONY: install demo test test-gpu bench bench-scaling wheels device-triton lint clean
 
 install: $(INSTALLED)
 
@@ -26,9 +26,12 @@ test: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 # On a GPU machine: its python3 has torch and triton (its own versions); the rest comes as wheels
-# from .wheels/ (`make wheels` here, then carry the folder), installed beside the project.
+# from .wheels/ (`make wheels` here, then carry the folder), installed beside the project. Where .device-triton/
+# travels too (`make device-triton`), its pinned triton goes first on the path instead of the image's.
 GPU_ENV := python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/hgrn2-site \
-	.wheels/*.whl && export PYTHONPATH=/tmp/hgrn2-site:$(CURDIR) PYTHONUNBUFFERED=1 &&
+	.wheels/*.whl && rm -rf /tmp/triton-pin && mkdir /tmp/triton-pin && \
+	{ test ! -f $(DEVICE_TRITON) || tar -xJf $(DEVICE_TRITON) -C /tmp/triton-pin; } && \
+	export PYTHONPATH=/tmp/triton-pin:/tmp/hgrn2-site:$(CURDIR) PYTHONUNBUFFERED=1 &&
 
 test-gpu:
 	$(GPU_ENV) python3 -m pytest -q -m gpu
@@ -48,6 +51,25 @@ bench-scaling:
 
 wheels:
 	$(PYTHON) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)
+
+# The image's triton is older than the pin (GPU.md), and the pinned wheel is too big to travel (248 MB against a
+# call's 64 MiB): this packs it for the image's Python 3.12 without libtriton's debug information and without
+# what our kernels never load (Blackwell's ptxas, CUPTI, the profiler's library), 59 MB under xz.
+TRITON_PIN := $(shell sed -n 's/.*"triton==\([^"]*\)".*/\1/p' pyproject.toml)
+DEVICE_TRITON := .device-triton/triton-$(TRITON_PIN)-cp312.tar.xz
+
+device-triton: $(DEVICE_TRITON)
+
+$(DEVICE_TRITON): pyproject.toml
+	rm -rf .device-triton && mkdir -p .device-triton/unpacked
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 -d .device-triton triton==$(TRITON_PIN)
+	cd .device-triton/unpacked && unzip -q ../triton-$(TRITON_PIN)-*.whl && \
+		strip --strip-debug triton/_C/libtriton.so && rm -rf triton/_C/libproton.so \
+		triton/backends/nvidia/lib/cupti triton/backends/nvidia/lib/cupti-blackwell \
+		triton/backends/nvidia/bin/ptxas-blackwell
+	tar -cf - -C .device-triton/unpacked . | xz -T0 > $@
+	rm -rf .device-triton/unpacked .device-triton/*.whl
 
 lint: install
 	$(BIN)/python -m pip install -q ruff==0.17.6

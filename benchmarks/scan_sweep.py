@@ -133,8 +133,11 @@ def main() -> None:
         result["kernels"][kernel] = {"default": {}, "rows": {}, "best": {}}
         for T in lengths:
             B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, args.heads, args.head_dim)
-            # The default launch (it depends on B * H for the sequential kernels) is timed first: the one to beat.
-            default = triton_scan._tiles(kernel, K, K, dtype, B * H, torch.device(device))
+            # The default launch is timed first: the one to beat. The sequential kernels' depends on how many walks
+            # there are, counting the segments that few long walks are cut into.
+            segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, args.chunk), B * H, K, K, False,
+                                                      torch.device(device))
+            default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device))
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
             if kernel not in pool:
                 raise SystemExit(f"the {kernel} kernel runs for heads of at most 64 only: pass --head-dim 64")

@@ -130,7 +130,7 @@ class _Walks:
         self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded
         self.segment_chunks = segment_chunks if self.n_segments > 1 else 2**30  # one walk, any length
-        self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device)
+        self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device, layout.chunk, layout.is_varlen)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
         slots = layout.n_states if kernel == "states" else layout.n_chunks
         if self.segmented:
@@ -196,11 +196,12 @@ TILE_OVERRIDES: dict[str, dict] = {}
 """Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""
 
 
-def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
-           device: torch.device | None = None) -> dict:
+def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
+           chunk: int = CHUNK, packed: bool = False) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs. Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
+    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`.
+    Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
       session: at the record shape states 0.54 -> 0.40 ms, dh 0.65 -> 0.56 at T 2K against 64 x 64 tiles). A
@@ -210,9 +211,17 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
       from 8 such programs per SM (vit_small's 1,536 walks: dh 0.148 ms against 0.164 with 32 x 64), 32 x 64
       ones of 2 from 2 to 8 (the ViT's 768 walks: states 0.073 -> 0.060 ms, dh 0.092 -> 0.083; twelfth
       session), of 4 below.
+    - 128-wide heads of equal lengths in 16-bit at chunk 32 take the whole state in one 4-warp program per walk
+      where those fill the SMs in one wave of at most two per SM: each walk then computes its gate once (T 2K,
+      B 16: states 0.417 -> 0.339 ms, dh 0.442 -> 0.421, triton 3.8 on the H200; sixteenth session). With more
+      programs than that (T 1K: a tie), fewer (T 4K: 0.39 -> 0.51), packed walks (0.42 -> 0.55), 64-wide heads
+      (dh 0.19 -> 0.21), chunk 64 (the no-grad forward 0.79 -> 0.90) or float32 inputs (60% of the instructions
+      spills) they lose.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
-      V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured). The grads
+      V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
+      168 registers at chunk 32 for three programs per SM (0.516 -> 0.471 ms at the record shape with triton 3.8,
+      0.554 -> 0.519 with 3.6; at chunk 64 it spills and the no-grad forward doubles). The grads
       kernel of 64-wide heads takes a 32-wide V block since its q and gate copies are chunk-major (the ViT's
       shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
@@ -221,7 +230,11 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
-    if kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
+    whole_state_programs = walks * _cdiv(V, walk_BV)
+    if (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
+            and _sm_count(device) < whole_state_programs <= 2 * _sm_count(device)):
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=4, num_stages=2)
+    elif kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
         wide_v = walk_BV >= 128
         split_k = not wide_v and _wide_tile_programs(walks, K, V) < 8 * _sm_count(device)
         tiles = dict(BK=min(32 if split_k else 64, BK), BV=walk_BV, num_warps=4 if wide_v else 2, num_stages=2)
@@ -229,6 +242,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0,
         tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=2)
     elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
         tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
+        if chunk == CHUNK:
+            tiles["maxnreg"] = 168
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
     elif kernel == "fused":  # 3 stages measured at H 6 only (vit_small's no-grad forward 0.249 -> 0.240 ms)
@@ -426,7 +441,7 @@ def scan_fwd(
                 q, f, v, bound, states, o, walks.chunk_decays, seeds, flags, layout.cu_seqlens, layout.state_offsets,
                 layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
                 walks.segment_chunks, SEEDED=walks.segmented and walks.carries_seeds, LAUNCH=launch,
-                **_tiles("output", K, V, q.dtype), **common,
+                **_tiles("output", K, V, q.dtype, chunk=chunk), **common,
             )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)

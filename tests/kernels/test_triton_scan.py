@@ -123,6 +123,19 @@ def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
     assert_close_to_oracle(compare_with_oracle(T=70, H=4, K=64), torch.float32)
 
 
+def test_whole_state_walk_tiles(monkeypatch):
+    """128-wide heads in 16-bit walk the whole state in one program where those fill the SMs in one wave of at most
+    two per SM (here 2 walks on one SM), and match the float64 loop; float32 inputs, packed walks and the no-grad
+    forward's 64-long chunks never do."""
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
+    assert triton_scan._tiles("dh", 128, 128, torch.float16, walks=2)["BK"] == 128
+    assert triton_scan._tiles("dh", 128, 128, torch.float16, walks=3)["BK"] < 128
+    assert triton_scan._tiles("dh", 128, 128, torch.float32, walks=2)["BK"] < 128
+    assert triton_scan._tiles("dh", 128, 128, torch.float16, walks=2, packed=True)["BK"] < 128
+    assert triton_scan._tiles("states", 128, 128, torch.float16, walks=2, chunk=64)["BK"] < 128
+    assert_close_to_oracle(compare_with_oracle(B=1, T=70, H=2, K=128, dtype=torch.float16), torch.float16)
+
+
 def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
     """The sequential kernels cut each walk into segments when the walks alone leave SMs idle, at most one 64 x 64
     tile program per SM. T 16K x 2 with 8 heads of 128 gives 64 programs on the H100's 132 SMs, so 17 segments
