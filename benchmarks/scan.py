@@ -175,29 +175,35 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
     return row
 
 
-KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_bwd_dh_kernel": "dh",
-           "_bwd_kernel": "grads"}
+KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_fwd_fused_kernel": "one-pass forward",
+           "_bwd_dh_kernel": "dh", "_bwd_kernel": "grads"}
 
 
-def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK) -> dict[str, float]:
-    """Bytes each of our kernels must move: every tensor it reads or writes once, the chunk states (or their
-    gradients) once per chunk of `chunk` tokens, all bf16."""
+def _one_pass(B: int) -> bool:
+    return triton_scan._fused_forward(B, H, D, D, torch.bfloat16, None, torch.device("cuda"))
+
+
+def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool = True) -> dict[str, float]:
+    """Bytes each of the kernels the dispatch runs must move: every tensor it reads or writes once, the chunk
+    states (or their gradients) once per chunk of `chunk` tokens, all bf16."""
     n = B * T * H
     row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
     states = n / chunk * D * D * 2
-    return {
+    forward = {"_fwd_fused_kernel": n * 4 * row + states * backward} if _one_pass(B) else {
         "_fwd_states_kernel": n * 2 * row + states,  # f, i in; states out
         "_fwd_output_kernel": n * 4 * row + states,  # q, f, i, states in; o out
+    }
+    return forward if not backward else {
+        **forward,  # the one-pass forward: q, f, i in; o and the states for the backward out
         "_bwd_dh_kernel": n * 3 * row + states,  # q, f, do in; state gradients out
         "_bwd_kernel": n * 7 * row + 2 * states,  # q, f, i, do, states, state gradients in; dq, df, di out
     }
 
 
 def traffic_bytes(T: int, B: int) -> dict:
-    """Bytes of the forward without grad (states and output passes, at its own chunk) and of forward + backward
-    (all four)."""
-    inference = kernel_bytes(T, B, triton_scan._forward_chunk(torch.bfloat16, D, D, backward=False))
-    return {"fwd": inference["_fwd_states_kernel"] + inference["_fwd_output_kernel"],
+    """Bytes of the forward without grad (at its own chunk) and of forward + backward."""
+    chunk = triton_scan.CHUNK if _one_pass(B) else triton_scan._forward_chunk(torch.bfloat16, D, D, backward=False)
+    return {"fwd": sum(kernel_bytes(T, B, chunk, backward=False).values()),
             "fwdbwd": sum(kernel_bytes(T, B).values())}
 
 

@@ -185,11 +185,17 @@ def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
     T 256, 0.254 -> 0.111 at T 196; their training f+b 0.514 -> 0.498 (H100, twelfth session). 64-wide heads of an
     LM (T 2K, H 16), two-pass -> one-pass (H100, fourteenth session): at 1.94 programs per SM (B 16) f+b 1.326 ->
     1.254 ms and no-grad forward 0.396 -> 0.307, at 1.45 (B 12) 1.061 -> 1.053 and 0.326 -> 0.305, but at 1.21
-    (B 10) 0.934 -> 0.952 and 0.295 -> 0.301. 128-wide heads lose: with one program per walk (128-wide V blocks)
-    0.86 -> 0.98 ms at the record shape, with two 1.8; float16 and 256-wide heads would spill (sm_90a), float32 by
-    kilobytes a thread."""
-    return (cu_seqlens is None and dtype == torch.bfloat16 and _block(max(K, V)) <= 64 and not _small_heads(K, V)
-            and 3 * _wide_tile_programs(B * H, K, V) > 4 * _sm_count(device))
+    (B 10) 0.934 -> 0.952 and 0.295 -> 0.301. 128-wide heads, one 8-warp program per walk, from about one such
+    program per SM (sixteenth session, triton 3.8, H200, H 16): at T 1K, 2K and 4K (B 32, 16, 8) the no-grad
+    forward 0.78 -> 0.72 ms, f+b 2.83 -> 2.78 at T 2K (2.90 -> 2.80 at T 4K), with recomputed states 3.17 -> 3.09;
+    under triton 3.6 they lost (0.86 -> 0.98 at T 2K, twelfth session). Below one program per SM each walk's chain
+    of chunk steps is too long (T 8K, and cut walks at T 16K). float16 and 256-wide heads would spill (sm_90a),
+    float32 by kilobytes a thread."""
+    if cu_seqlens is not None or dtype != torch.bfloat16 or _small_heads(K, V):
+        return False
+    if _block(max(K, V)) <= 64:
+        return 3 * _wide_tile_programs(B * H, K, V) > 4 * _sm_count(device)
+    return _block(max(K, V)) == 128 and 32 * B * H >= 31 * _sm_count(device)
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
@@ -246,6 +252,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
             tiles["maxnreg"] = 168
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
+    elif kernel == "fused" and BK == 128:  # one program per walk: 0.76 ms at T 2K against 1.32 with two of 64
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2)
     elif kernel == "fused":  # 3 stages measured at H 6 only (vit_small's no-grad forward 0.249 -> 0.240 ms)
         tiles = dict(BK=BK, BV=BV, num_warps=4, num_stages=2)
     elif kernel == "grads":
@@ -389,11 +397,13 @@ def scan_fwd(
     """Returns o [B, T, H, V], the final state [N, H, K, V] (float32), the chunk states for the backward (or
     none) and, without them, the seeds of cut walks ([B H segments, K, V] in the states' type, or none), from
     which the backward's `scan_states` rebuilds them exactly in one pass. `chunk`: CHUNK where a backward
-    follows (its states and seeds are the backward's), else `_forward_chunk`'s."""
+    follows (its states and seeds are the backward's), else `_forward_chunk`'s; the one-pass forward takes CHUNK
+    whichever (it spills at 64)."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    layout = _Layout(B, T, cu_seqlens, q.device, chunk)
+    one_pass = _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device)
+    layout = _Layout(B, T, cu_seqlens, q.device, CHUNK if one_pass else chunk)
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
@@ -411,7 +421,7 @@ def scan_fwd(
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
         return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V))
-    if _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device):
+    if one_pass:
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
         tiles = _tiles("fused", K, V, q.dtype)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():

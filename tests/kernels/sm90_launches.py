@@ -152,7 +152,10 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "bf16 K64 few heads": scan_training_step(torch.bfloat16, 64),  # the ViTs' heads: the grads kernel's own V block
     "bf16 K16 few heads": scan_training_step(torch.bfloat16, 16),
     "fp32 K4 small heads": scan_training_step(torch.float32, 4, H=16),
+    # one-pass forward; whole-state walks (the dh walk, and the states walk that recomputes the states)
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
+    "bf16 K128 many heads recomputed": scan_training_step(torch.bfloat16, 128, H=128, recompute=True),
+    "bf16 K128 many heads inference": scan_inference(torch.bfloat16, 128, H=128),
     # the ViTs' walks: one-pass forward (`_fused_forward`), storing the chunk states or not; 32 x 64 dh tiles
     "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),
     "bf16 K64 many heads inference": scan_inference(torch.bfloat16, 64, H=144),

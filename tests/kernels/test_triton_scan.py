@@ -318,13 +318,15 @@ def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
 
 
-def test_the_one_pass_forward_takes_more_than_4_programs_per_3_sms():
-    """Where `_fused_forward` switches (64-wide bf16 heads, T 2K, H 16 on the H100's 132 SMs, fourteenth session):
-    the two-pass forward won at 1.21 and 1.33 programs per SM (B 10, 11), the one-pass from 1.45 (B 12)."""
+def test_where_the_one_pass_forward_runs():
+    """Where `_fused_forward` switches on the H100's 132 SMs (H 16): 64-wide bf16 heads at T 2K from more than 4
+    programs per 3 SMs (the two-pass forward won at 1.21 and 1.33 programs per SM, B 10 and 11; the one-pass from
+    1.45, B 12; fourteenth session); 128-wide ones from about one program per SM (B 8 at T 4K won, sixteenth)."""
     fused = lambda B, K=64, dtype=torch.bfloat16, cu_seqlens=None: triton_scan._fused_forward(
         B, 16, K, K, dtype, cu_seqlens, None)
     assert [fused(B) for B in (10, 11, 12, 16)] == [False, False, True, True]
-    assert not fused(16, K=128) and not fused(16, dtype=torch.float16)
+    assert [fused(B, K=128) for B in (4, 7, 8, 32)] == [False, False, True, True]
+    assert not fused(16, K=256) and not fused(16, dtype=torch.float16)
     assert not fused(16, cu_seqlens=torch.tensor([0, 5]))
 
 
@@ -346,9 +348,10 @@ def one_pass_forward(monkeypatch):
 
 
 @pytest.mark.usefixtures("one_pass_forward")
+@pytest.mark.parametrize("K", [64, 128] if GPU else [16, 128])  # on a GPU the heads it takes (`_fused_forward`)
 @pytest.mark.parametrize("case", FUSED_CASES, ids=list(FUSED_CASES))
-def test_fused_forward_matches_the_oracle(case):
-    dtype, K = (torch.bfloat16, 64) if GPU else (torch.float32, 16)  # on a GPU the heads it takes (`_fused_forward`)
+def test_fused_forward_matches_the_oracle(case, K):
+    dtype = torch.bfloat16 if GPU else torch.float32
     assert_close_to_oracle(forward_errors(dtype, K=K, **FUSED_CASES[case]), dtype)
 
 
