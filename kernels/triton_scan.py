@@ -168,7 +168,8 @@ def _block(n: int) -> int:
 
 def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
     """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for bfloat16 heads of 128-wide tiles (the
-    record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK. 64-wide heads lose at 64 (the
+    record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K; the two-pass forward's: `scan_fwd` runs the
+    one-pass forward at CHUNK whatever this says), else CHUNK. 64-wide heads lose at 64 (the
     ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output kernel that pass the 227 KiB of
     shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/HISTORY.md, ninth session)."""
     if backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128:
@@ -195,7 +196,7 @@ def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
         return False
     if _block(max(K, V)) <= 64:
         return 3 * _wide_tile_programs(B * H, K, V) > 4 * _sm_count(device)
-    return _block(max(K, V)) == 128 and 32 * B * H >= 31 * _sm_count(device)
+    return _block(K) == _block(V) == 128 and 32 * B * H >= 31 * _sm_count(device)
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
