@@ -25,6 +25,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+# The image's triton is older than the pin (GPU.md), and the pinned wheel is too big to travel (248 MB against a
+# call's 64 MiB): `make device-triton` packs it for the image's Python 3.12 without libtriton's debug information
+# and without what our kernels never load (Blackwell's ptxas, CUPTI, the profiler's library), 59 MB under xz.
+TRITON_PIN := $(shell sed -n 's/.*"triton==\([^"]*\)".*/\1/p' pyproject.toml)
+DEVICE_TRITON := .device-triton/triton-$(TRITON_PIN)-cp312.tar.xz
+
 # On a GPU machine: its python3 has torch and triton (its own versions); the rest comes as wheels
 # from .wheels/ (`make wheels` here, then carry the folder), installed beside the project. Where .device-triton/
 # travels too (`make device-triton`), its pinned triton goes first on the path instead of the image's.
@@ -51,12 +57,6 @@ bench-scaling:
 
 wheels:
 	$(PYTHON) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)
-
-# The image's triton is older than the pin (GPU.md), and the pinned wheel is too big to travel (248 MB against a
-# call's 64 MiB): this packs it for the image's Python 3.12 without libtriton's debug information and without
-# what our kernels never load (Blackwell's ptxas, CUPTI, the profiler's library), 59 MB under xz.
-TRITON_PIN := $(shell sed -n 's/.*"triton==\([^"]*\)".*/\1/p' pyproject.toml)
-DEVICE_TRITON := .device-triton/triton-$(TRITON_PIN)-cp312.tar.xz
 
 device-triton: $(DEVICE_TRITON)
 
