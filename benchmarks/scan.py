@@ -189,12 +189,13 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     n = B * T * H
     row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
     states = n / chunk * D * D * 2
+    # the one-pass forward: q, f, i in; o, and the states where a backward follows, out
     forward = {"_fwd_fused_kernel": n * 4 * row + states * backward} if _one_pass(B) else {
         "_fwd_states_kernel": n * 2 * row + states,  # f, i in; states out
         "_fwd_output_kernel": n * 4 * row + states,  # q, f, i, states in; o out
     }
     return forward if not backward else {
-        **forward,  # the one-pass forward: q, f, i in; o and the states for the backward out
+        **forward,
         "_bwd_dh_kernel": n * 3 * row + states,  # q, f, do in; state gradients out
         "_bwd_kernel": n * 7 * row + 2 * states,  # q, f, i, do, states, state gradients in; dq, df, di out
     }
@@ -202,7 +203,7 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
 
 def traffic_bytes(T: int, B: int) -> dict:
     """Bytes of the forward without grad (at its own chunk) and of forward + backward."""
-    chunk = triton_scan.CHUNK if _one_pass(B) else triton_scan._forward_chunk(torch.bfloat16, D, D, backward=False)
+    chunk = triton_scan._forward_chunk(B, H, D, D, torch.bfloat16, None, torch.device("cuda"), backward=False)
     return {"fwd": sum(kernel_bytes(T, B, chunk, backward=False).values()),
             "fwdbwd": sum(kernel_bytes(T, B).values())}
 

@@ -166,13 +166,15 @@ def _block(n: int) -> int:
     return max(16, _next_power_of_2(n))
 
 
-def _forward_chunk(dtype: torch.dtype, K: int, V: int, backward: bool) -> int:
-    """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for bfloat16 heads of 128-wide tiles (the
-    record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K; the two-pass forward's: `scan_fwd` runs the
-    one-pass forward at CHUNK whatever this says), else CHUNK. 64-wide heads lose at 64 (the
-    ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output kernel that pass the 227 KiB of
-    shared memory at 64 (sm_90a); 256-wide heads were not measured (kernels/HISTORY.md, ninth session)."""
-    if backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128:
+def _forward_chunk(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
+                   device: torch.device | None, backward: bool) -> int:
+    """The chunk of a forward: INFERENCE_CHUNK where no backward follows, for the two-pass forward of bfloat16
+    heads of 128-wide tiles (the record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK.
+    64-wide heads lose at 64 (the ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output
+    kernel that pass the 227 KiB of shared memory at 64 (sm_90a); 256-wide heads were not measured
+    (kernels/HISTORY.md, ninth session); the one-pass forward (`_fused_forward`) spills at 64 (sixteenth)."""
+    if (backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128
+            or _fused_forward(B, H, K, V, dtype, cu_seqlens, device)):
         return CHUNK
     return INFERENCE_CHUNK
 
@@ -398,13 +400,11 @@ def scan_fwd(
     """Returns o [B, T, H, V], the final state [N, H, K, V] (float32), the chunk states for the backward (or
     none) and, without them, the seeds of cut walks ([B H segments, K, V] in the states' type, or none), from
     which the backward's `scan_states` rebuilds them exactly in one pass. `chunk`: CHUNK where a backward
-    follows (its states and seeds are the backward's), else `_forward_chunk`'s; the one-pass forward takes CHUNK
-    whichever (it spills at 64)."""
+    follows (its states and seeds are the backward's), else `_forward_chunk`'s."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    one_pass = _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device)
-    layout = _Layout(B, T, cu_seqlens, q.device, CHUNK if one_pass else chunk)
+    layout = _Layout(B, T, cu_seqlens, q.device, chunk)
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
@@ -422,7 +422,7 @@ def scan_fwd(
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
         return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V))
-    if one_pass:
+    if _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device):
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
         tiles = _tiles("fused", K, V, q.dtype)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
@@ -648,6 +648,7 @@ def triton_scan(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, f, i, lower_bound, initial_state)
     )
+    B, _, H, K = q.shape
     if torch.compiler.is_compiling():
         scan = scan_fwd_op
     else:
@@ -655,6 +656,6 @@ def triton_scan(
     o, final, _, _ = scan(
         q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
         needs_grad and not recompute_states, output_final_state,
-        _forward_chunk(q.dtype, q.shape[-1], i.shape[-1], backward=needs_grad),
+        _forward_chunk(B, H, K, i.shape[-1], q.dtype, cu_seqlens, q.device, backward=needs_grad),
     )
     return o, (final if output_final_state else None)

@@ -116,7 +116,7 @@ def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2):
     def run():
         q, f, v = (torch.zeros(B, 200, H, K, dtype=dtype) for _ in range(3))
         scan_fwd(q, f, v, torch.zeros(H, K), torch.zeros(B, H, K, K), None, 1.0, False, False, True,
-                 _forward_chunk(dtype, K, K, backward=False))
+                 _forward_chunk(B, H, K, K, dtype, None, None, backward=False))
 
     return run
 

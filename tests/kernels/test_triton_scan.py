@@ -312,7 +312,7 @@ def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     float32 heads of 16, which it keeps at 32 (`_forward_chunk`): the chunk of 64 is forced there."""
     dtype, K = (torch.bfloat16, 128) if GPU else (torch.float32, 16)
     if GPU:
-        assert triton_scan._forward_chunk(dtype, K, K, backward=False) == triton_scan.INFERENCE_CHUNK
+        assert triton_scan._forward_chunk(1, 1, K, K, dtype, None, None, backward=False) == triton_scan.INFERENCE_CHUNK
     else:
         monkeypatch.setattr(triton_scan, "_forward_chunk", lambda *args, **kwargs: triton_scan.INFERENCE_CHUNK)
     assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
