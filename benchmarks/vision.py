@@ -26,6 +26,7 @@ from pathlib import Path
 
 import timm
 import torch
+import triton
 import torch.nn.functional as F
 import yaml
 
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "training images/s: forward + backward + fused AdamW, bf16 autocast, channels-last",
         "device": device,
         "date": date.today().isoformat(),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "timm": timm.__version__,
+                     "python": platform.python_version()},
         "batch": args.batch,
         "timed_steps": args.steps,
         "compile": args.compile,
