@@ -3,7 +3,8 @@
 Builds the LanguageModel of an LM config (its speed options included) and runs the step `hgrn2 fit` runs
 (bf16 autocast over float32 weights, gradient clipping, fused AdamW) on random tokens, then profiles a few
 steps and sums each kernel's GPU time. Kinds: the scan's kernels, matmuls, Inductor's fused kernels (the
-compiled blocks), the optimizer, the fused cross-entropy, the rest. Writes benchmarks/results/step-profile-<gpu>.json.
+compiled blocks), the optimizer, the fused cross-entropy, the rest. Writes
+benchmarks/results/step-profile-<gpu>-T<seq-len>.json.
 
     python benchmarks/step_profile.py [--config configs/lm/hgrn2_370m.yaml] [--seq-len 2048] [--batch 16]
 """

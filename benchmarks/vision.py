@@ -26,8 +26,8 @@ from pathlib import Path
 
 import timm
 import torch
-import triton
 import torch.nn.functional as F
+import triton
 import yaml
 
 from hgrn2_lightning.model import HGRN2Config
