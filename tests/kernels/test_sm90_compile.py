@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.kernels.sm90_launches import CASES, GRID_LIMITS, SHARED_MEMORY_LIMIT
 
 ROOT = Path(__file__).resolve().parents[2]
-SCAN_KERNELS = {"_fwd_states_kernel", "_fwd_output_kernel", "_bwd_dh_kernel", "_bwd_kernel"}
+BACKWARD_KERNELS = {"_bwd_dh_kernel", "_bwd_kernel"}
 
 
 def compile_every_launch() -> list[dict]:
@@ -61,9 +61,8 @@ def test_every_launch_compiles_for_sm90_within_limits_moving_16bit_tiles_in_vect
         # the states); with few (sequence, head) walks (segmented) the forward's states walk and the dh walk
         # are each followed by their carry pass, and the recomputation starts from the forward's seeds.
         states_walks = ("recomputed" in case) + (not one_pass)
-        kernels = SCAN_KERNELS - {"_fwd_states_kernel", "_fwd_output_kernel"} | {"_fwd_fused_kernel"} if one_pass \
-            else SCAN_KERNELS
-        kernels = kernels | {"_fwd_states_kernel"} if states_walks else kernels
+        forward_kernels = {"_fwd_fused_kernel"} if one_pass else {"_fwd_states_kernel", "_fwd_output_kernel"}
+        kernels = BACKWARD_KERNELS | forward_kernels | ({"_fwd_states_kernel"} if states_walks else set())
         assert sorted(set(names) - {"_segment_carry_kernel"}) == sorted(kernels), (case, names)
         assert names.count("_fwd_states_kernel") == states_walks, (case, names)
         assert names.count("_segment_carry_kernel") == (2 if "few heads" in case else 0), (case, names)
