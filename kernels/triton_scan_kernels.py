@@ -221,7 +221,7 @@ def _fwd_states_kernel(
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
-        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
+        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=True)
         k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
@@ -292,7 +292,7 @@ def _fwd_output_kernel(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     DT = q.dtype.element_ty
     _, k, _, _, G, _ = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b, mask_ck,
-                                   offs_c, C, 0)
+                                   offs_c, C, 0, CUMSUM_BY_MATMUL=False)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
         A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, SMALLEST_BLOCK)[0]
@@ -352,7 +352,7 @@ def _fwd_fused_kernel(
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
         _, k, _, _, G, G_last = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b,
-                                            mask_ck, offs_c, C, 0)
+                                            mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=True)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
         A = tl.where(causal, _scores_one_launch(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION) * scale,
                      0.0).to(DT)
@@ -403,7 +403,7 @@ def _bwd_dh_kernel(
             # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
             tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
             tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
-        _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0)
+        _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
         do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
         dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
@@ -510,7 +510,7 @@ def _bwd_kernel(
     # (kernels/HISTORY.md, v3.2), but holding them at float32 makes ptxas give up (32 registers, 19 KiB of
     # spills): 16-bit inputs hold, float32 recomputes.
     g, k, sig, sig_neg, G, G_last = _chunk_gate(tl.load(f_kc, mask=copied, other=0.0), b, one_minus_b, mask_kc,
-                                                offs_c, C, 1)
+                                                offs_c, C, 1, CUMSUM_BY_MATMUL=False)
     q_t = tl.load(q_kc, mask=copied, other=0.0).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
         A, block = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, ANCHORED_DT, PRECISION, 1, SMALLEST_BLOCK)
@@ -557,7 +557,7 @@ def _bwd_kernel(
     dA = tl.where(offs_c[:, None] > offs_c[None, :], dA * scale, 0.0)
     if not HOLD_GATE:
         _, k, _, _, G, G_last = _chunk_gate(tl.load(f_kc, mask=copied, other=0.0), b, one_minus_b, mask_kc, offs_c,
-                                            C, 1)
+                                            C, 1, CUMSUM_BY_MATMUL=False)
         q_t = tl.load(q_kc, mask=copied, other=0.0).to(tl.float32)
         if LAUNCH == ANCHORED_LAUNCH:
             G_mid, _ = _anchor(G, offs_c, valid, C, 1)
