@@ -125,11 +125,12 @@ def _chunk_gate(f_t, b, one_minus_b, mask, offs_c, C: tl.constexpr, AXIS: tl.con
 def _cumsum_by_matmul(g, offs_c):
     """The cumulative sum of a [C, K] tile over its positions (axis 0) as lower-triangular ones times g, on the tensor
     cores. Tiles 128 channels wide spread a chunk's positions over the warps, so `tl.cumsum` goes through shared
-    memory: at the record shape it was a fifth of the one-pass forward's instructions (ncu, H100). The walks that
-    wait on it chunk after chunk gain: the one-pass forward 0.739 -> 0.672 ms at the record shape (H100; 0.754 ->
-    0.675 on the H200). Elsewhere it lost or tied (H100 and H200, triton 3.8, kernels/HISTORY.md, eighteenth
-    session): the dh walk 0.467 -> 0.488 on the H100 (a gain on the H200), the output kernel (three programs per
-    SM hide the scan) 0.468 -> 0.476 at T 16K, 64-wide tiles (a cheap scan) 0.187 -> 0.240 in the dh walk.
+    memory: at the record shape it was a fifth of the one-pass forward's instructions (ncu, H100), which the product
+    made 0.739 -> 0.672 ms (H100; 0.754 -> 0.675 on the H200). Elsewhere it lost or tied (H100 and H200, triton 3.8,
+    kernels/HISTORY.md, eighteenth session): the dh walk 0.467 -> 0.488 on the H100 (a gain on the H200), the output
+    kernel (three programs per SM hide the scan) 0.468 -> 0.476 at T 16K, 64-wide tiles (a cheap scan) 0.187 ->
+    0.240 in the dh walk. The states walk scans: its 128-wide tiles (the backward's rebuild at T 2K) went unmeasured,
+    and the dh walk, its mirror, lost on the H100.
     g is split into two float16 parts (g lies in [-88, 0]), so G keeps about 22 bits: only for 16-bit inputs."""
     lower = (offs_c[:, None] >= offs_c[None, :]).to(tl.float16)
     g_high = g.to(tl.float16)

@@ -221,7 +221,7 @@ def _fwd_states_kernel(
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
-        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=True)
+        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
         k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
