@@ -89,9 +89,9 @@ def main() -> None:
     chunk = triton_scan.CHUNK
     # The operators as a compiled graph calls them: below autograd, on tensors that need no gradient.
     inputs = [x.detach() for x in (q, f, v, bound)]
-    fwd_args = (*inputs, None, None, scale, False, True, False, chunk)
-    states = triton_scan.scan_fwd(*fwd_args)[2]
-    bwd_args = (*inputs, None, states, do, None, None, scale, False, False)
+    fwd_args = (*inputs, None, None, scale, False, True, False, chunk, True)
+    _, _, states, _, scores = triton_scan.scan_fwd(*fwd_args)
+    bwd_args = (*inputs, None, states, scores, do, None, None, scale, False, False)
     parts = {
         "public f+b (autograd)": forward_backward,
         "public forward, no grad": forward_no_grad,

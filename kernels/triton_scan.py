@@ -121,7 +121,7 @@ class _Walks:
     walks start each segment from the seeds a "seeds" forward left, so their states are exact with no carry."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
-                 device: torch.device, carry: str):
+                 device: torch.device, carry: str, with_dv: bool = False):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
         self.n_segments, segment_chunks = _segment_layout(_cdiv(T, layout.chunk), walks, K, V, layout.is_varlen,
@@ -130,7 +130,8 @@ class _Walks:
         self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded
         self.segment_chunks = segment_chunks if self.n_segments > 1 else 2**30  # one walk, any length
-        self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device, layout.chunk, layout.is_varlen)
+        self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device, layout.chunk, layout.is_varlen,
+                            with_dv)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
         slots = layout.n_states if kernel == "states" else layout.n_chunks
         if self.segmented:
@@ -201,12 +202,32 @@ def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
     return _block(K) == _block(V) == 128 and 32 * B * H >= 31 * _sm_count(device)
 
 
+def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
+                 device: torch.device) -> bool:
+    """Whether a forward that a backward follows keeps its intra-chunk scores (bf16 [C, C] a chunk and head, 1/16
+    of a 128 x 128 chunk state) for the dh walk, which then takes dv from them and from the state gradient in its
+    registers, and the grads kernel skips dv: where the forward is the one-pass one and the dh walk holds the whole
+    K, not cut into segments (128-wide heads walk the whole state then, `_tiles`). H100, triton 3.8, kernel ms, two
+    rounds in one call against the kernels before (kernels/HISTORY.md, nineteenth session):
+    - record shape, T 2K: grads 1.61 -> 1.27, dh walk 0.47 -> 0.66, one-pass forward 0.670 -> 0.695; f+b 2.76 ->
+      2.64 (2.62 in `benchmarks/scan.py`); T 1K (B 32): 2.94 -> 2.81; T 4K (B 8): 2.80 -> 2.63;
+    - vit_small (B 256, T 256, H 6, K 64): grads 0.485 -> 0.391, dh 0.142 -> 0.208; f+b 0.83 -> 0.80.
+    The dh walk computing the scores itself instead lost the gain (record: the walk 0.83 ms, f+b a tie; vit_small
+    0.83 -> 0.85), and so did 128 x 64 state tiles (T 1K and 4K: f+b 3.27 and 3.09). Where the dh walk splits
+    K (the ViT-tiny's 32 x 64 tiles, 64-wide LM heads), dv needs the whole K's scores and stays in the grads
+    kernel; those shapes were not measured with whole-K tiles."""
+    if not _fused_forward(B, H, K, V, dtype, cu_seqlens, device):
+        return False
+    n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
+    return n_segments == 1 and _tiles("dh", K, V, dtype, B * H, device, with_dv=True)["BK"] >= K
+
+
 TILE_OVERRIDES: dict[str, dict] = {}
 """Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""
 
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
-           chunk: int = CHUNK, packed: bool = False) -> dict:
+           chunk: int = CHUNK, packed: bool = False, with_dv: bool = False) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
     the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`.
@@ -225,7 +246,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       B 16: states 0.417 -> 0.339 ms, dh 0.442 -> 0.421, triton 3.8 on the H200; sixteenth session). With more
       programs than that (T 1K: a tie), fewer (T 4K: 0.39 -> 0.51), packed walks (0.42 -> 0.55), 64-wide heads
       (dh 0.19 -> 0.21), chunk 64 (the no-grad forward 0.79 -> 0.90) or float32 inputs (60% of the instructions
-      spills) they lose.
+      spills) they lose. A dh walk that also writes dv (`with_dv`, `_scores_kept`) takes the whole state whatever
+      the number of walks, with 8 warps (at 4 it spills 384 bytes).
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
@@ -240,7 +262,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
     whole_state_programs = walks * _cdiv(V, walk_BV)
-    if (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
+    if kernel == "dh" and with_dv and BK == 128:
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2)
+    elif (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
             and _sm_count(device) < whole_state_programs <= 2 * _sm_count(device)):
         tiles = dict(BK=BK, BV=walk_BV, num_warps=4, num_stages=2)
     elif kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
@@ -395,12 +419,13 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
 def scan_fwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], scale: float, reverse: bool, save_states: bool, output_final_state: bool,
-    chunk: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    chunk: int, backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns o [B, T, H, V], the final state [N, H, K, V] (float32), the chunk states for the backward (or
-    none) and, without them, the seeds of cut walks ([B H segments, K, V] in the states' type, or none), from
-    which the backward's `scan_states` rebuilds them exactly in one pass. `chunk`: CHUNK where a backward
-    follows (its states and seeds are the backward's), else `_forward_chunk`'s."""
+    none), without them the seeds of cut walks ([B H segments, K, V] in the states' type, or none), from
+    which the backward's `scan_states` rebuilds them exactly in one pass, and the intra-chunk scores the backward
+    takes dv from ([chunks, H, C, C] in q's type, where `_scores_kept`; or none). `chunk`: CHUNK where a backward
+    follows (`backward`; its states and seeds are the backward's), else `_forward_chunk`'s."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -421,17 +446,20 @@ def scan_fwd(
                 HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state, STORE_STATES=save_states,
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
-        return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V))
+        return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V)), _no_scores(q, chunk)
     if _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device):
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
+        keep_scores = backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device)
+        scores = _empty(layout.n_chunks if keep_scores else 0, H, chunk, chunk, dtype=q.dtype, device=q.device)
         tiles = _tiles("fused", K, V, q.dtype)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H),)](
-                q, f, v, bound, h0, o, final, states, layout.cu_seqlens, layout.state_offsets, q.stride(1),
+                q, f, v, bound, h0, o, final, states, scores, layout.cu_seqlens, layout.state_offsets, q.stride(1),
                 f.stride(1), v.stride(1), scale, T, HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state,
-                STORE_STATES=save_states, **tiles, **_constexprs(q, v, lower_bound, layout, reverse),
+                STORE_STATES=save_states, STORE_SCORES=keep_scores, **tiles,
+                **_constexprs(q, v, lower_bound, layout, reverse),
             )
-        return o, final, states, q.new_empty(0, K, V, dtype=states.dtype)
+        return o, final, states, q.new_empty(0, K, V, dtype=states.dtype), scores
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
@@ -456,24 +484,32 @@ def scan_fwd(
             )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
-    return o, final, states, seeds
+    return o, final, states, seeds, _no_scores(q, chunk)
+
+
+def _no_scores(q: Tensor, chunk: int) -> Tensor:
+    """`scan_fwd`'s scores where it keeps none."""
+    return q.new_empty(0, q.shape[2], chunk, chunk)
 
 
 scan_fwd_op = define_op(scan_fwd)
 
 
 @torch.library.register_fake("hgrn2::scan_fwd")
-def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, chunk):
+def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, chunk,
+      backward):
     B, T, H, K = q.shape
     layout_states = _state_slots(B, T, cu_seqlens, chunk)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
     n_seeds = 0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk)
+    n_scores = B * _cdiv(T, chunk) if backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device) else 0
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
         q.new_empty(layout_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V)),
         q.new_empty(n_seeds, K, V, dtype=_wide_dtype(q, K, V)),
+        q.new_empty(n_scores, H, chunk, chunk),
     )
 
 
@@ -508,10 +544,12 @@ def _(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, reverse):
 
 def scan_bwd(
     q: Tensor, f: Tensor, v: Tensor, lower_bound: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor,
-    do: Tensor, d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool, want_dh0: bool,
+    scores: Tensor, do: Tensor, d_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, reverse: bool,
+    want_dh0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, df, dv, d lower_bound ([H, K], empty without a bound) and d initial_state (or empty), from the
-    chunk states `states`; the small-head kernels walk them again themselves where `states` is empty."""
+    chunk states `states` and, where the forward kept them (`_scores_kept`), its intra-chunk `scores`; the
+    small-head kernels walk the states again themselves where `states` is empty."""
     q, f, v = (_row_stride(x) for x in (q, f, v))
     do = do.contiguous()
     B, T, H, K = q.shape
@@ -533,22 +571,31 @@ def scan_bwd(
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite")
+        dv_in_walk = scores.numel() > 0
+        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite", with_dv=dv_in_walk)
+        if dv_in_walk and (walks.segmented or walks.tiles["BK"] < K):
+            raise RuntimeError("scan_bwd: the forward kept its scores for a dh walk over the whole K, but this one "
+                               "splits K or is cut into segments: `_scores_kept` and `_tiles` disagree")
         q_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=q.dtype, device=q.device)
         f_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=f.dtype, device=q.device)
         _bwd_dh_kernel[walks.grid](
             q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
-            *walks.kernel_args(), q_by_time, f_by_time, layout.cu_seqlens, layout.state_offsets, q.stride(1),
-            f.stride(1), scale, T, walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None,
-            WRITE_DH0=want_dh0, SEGMENTED=walks.segmented, **walks.tiles, **common,
+            *walks.kernel_args(), q_by_time, f_by_time, scores, dv, layout.cu_seqlens, layout.state_offsets,
+            q.stride(1), f.stride(1), scale, T, walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None,
+            WRITE_DH0=want_dh0, SEGMENTED=walks.segmented, WRITE_DV=dv_in_walk, **walks.tiles, **common,
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         flags = _fallback_flags(layout, H, q.device)
+        grads_tiles = _tiles("grads", K, V, q.dtype)
+        if dv_in_walk:
+            # Triton 3.8 pipelines this kernel without dv wrongly at 3 stages: bf16, K 128, H100, d f 5e-2 against
+            # float64, right at 1 or 2 (kernels/HISTORY.md, nineteenth session).
+            grads_tiles["num_stages"] = min(2, grads_tiles["num_stages"])
         for launch in (ANCHORED_LAUNCH, FALLBACK_LAUNCH):
             _bwd_kernel[(layout.n_chunks, H)](
                 q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
-                layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
-                **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32, LAUNCH=launch, **common,
+                layout.state_offsets, layout.chunk_table, v.stride(1), scale, T, **grads_tiles, ANCHORED_DT=tl.float32,
+                LAUNCH=launch, WRITE_DV=not dv_in_walk, **common,
             )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()
     return dq, df, dv, db, dh0
@@ -582,7 +629,7 @@ scan_bwd_op = define_op(scan_bwd)
 
 
 @torch.library.register_fake("hgrn2::scan_bwd")
-def _(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, scale, reverse, want_dh0):
+def _(q, f, v, lower_bound, initial_state, states, scores, do, d_final, cu_seqlens, scale, reverse, want_dh0):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
@@ -594,28 +641,28 @@ def _(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens, scal
 
 
 def _setup_context(ctx, inputs, output):
-    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, _ = inputs
-    ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], output[3], cu_seqlens)
+    q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_states, output_final_state, _, _ = inputs
+    ctx.save_for_backward(q, f, v, lower_bound, initial_state, output[2], output[3], output[4], cu_seqlens)
     ctx.scale, ctx.reverse = scale, reverse
     ctx.has_initial_state = initial_state is not None
     ctx.output_final_state = output_final_state
     ctx.recompute_states = not save_states
-    # The chunk states and seeds are outputs only so that autograd keeps them; left as None, their gradient is never
-    # materialised (a zero-filled buffer of the states' size: 0.5 GiB and 0.16 ms at the record shape).
+    # The chunk states, seeds and scores are outputs only so that autograd keeps them; left as None, their gradient
+    # is never materialised (a zero-filled buffer of the states' size: 0.5 GiB and 0.16 ms at the record shape).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, d_final, d_states, d_seeds):
-    q, f, v, lower_bound, initial_state, states, seeds, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, d_final, d_states, d_seeds, d_scores):
+    q, f, v, lower_bound, initial_state, states, seeds, scores, cu_seqlens = ctx.saved_tensors
     if ctx.recompute_states and not _small_heads(q.shape[-1], v.shape[-1]):
         states = scan_states_op(q, f, v, lower_bound, initial_state, seeds, cu_seqlens, ctx.reverse)
     d_final = d_final if ctx.output_final_state else None
     if do is None:  # only the final state was used (grads are not materialised, see _setup_context)
         do = torch.zeros_like(v)
-    dq, df, dv, db, dh0 = scan_bwd_op(q, f, v, lower_bound, initial_state, states, do, d_final, cu_seqlens,
+    dq, df, dv, db, dh0 = scan_bwd_op(q, f, v, lower_bound, initial_state, states, scores, do, d_final, cu_seqlens,
                                       ctx.scale, ctx.reverse, ctx.has_initial_state)
     return (dq, df, dv, db.view_as(lower_bound) if lower_bound is not None else None,
-            dh0 if ctx.has_initial_state else None, None, None, None, None, None, None)
+            dh0 if ctx.has_initial_state else None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("hgrn2::scan_fwd", _backward, setup_context=_setup_context)
@@ -653,9 +700,9 @@ def triton_scan(
         scan = scan_fwd_op
     else:
         scan = _EagerScan.apply if needs_grad else scan_fwd
-    o, final, _, _ = scan(
+    o, final, _, _, _ = scan(
         q, f, i.to(q.dtype), lower_bound, initial_state, cu_seqlens, float(scale), reverse,
         needs_grad and not recompute_states, output_final_state,
-        _forward_chunk(B, H, K, i.shape[-1], q.dtype, cu_seqlens, q.device, backward=needs_grad),
+        _forward_chunk(B, H, K, i.shape[-1], q.dtype, cu_seqlens, q.device, backward=needs_grad), needs_grad,
     )
     return o, (final if output_final_state else None)

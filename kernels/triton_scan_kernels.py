@@ -110,6 +110,13 @@ def _by_time(chunk, offs_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl
 
 
 @triton.jit
+def _scores_tile(scores, chunk, i_h, offs_c, H: tl.constexpr, C: tl.constexpr):
+    """Pointers of the [C, C] intra-chunk scores of head i_h in chunk `chunk` (counted over all sequences) of a
+    [chunks, H, C, C] buffer: what the one-pass forward keeps for the dh walk's dv (`_bwd_dh_kernel`)."""
+    return scores + ((chunk * H + i_h) * C + offs_c[:, None]) * C + offs_c[None, :]
+
+
+@triton.jit
 def _mark_for_the_fallback(flags, i_c, i_h, H: tl.constexpr, anchored):
     """The first launch of a chunk-parallel kernel leaves chunk i_c of head i_h to the fallback launch unless
     `anchored` (every program writes its byte: the buffer needs no zeroing)."""
@@ -325,17 +332,19 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _fwd_fused_kernel(
-    q, f, v, lower_bound, h0, o, final_state, states, cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale,
-    T,
+    q, f, v, lower_bound, h0, o, final_state, states, scores, cu_seqlens, state_offsets, stride_q, stride_f, stride_v,
+    scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+    STORE_SCORES: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr,
 ):
     """The forward in one pass: one program per (sequence, head, V block) walks the sequence's chunks in order
     holding its [K, BV] state tile in float32 registers, and for each chunk writes the outputs from it (the output
     kernel's products) before advancing it (the states kernel's). No chunk state is read back from memory, and
     none is written unless STORE_STATES (for the backward, as the states kernel stores them). Each V block
-    computes the chunk's gate and intra-chunk scores again."""
+    computes the chunk's gate and intra-chunk scores again; with STORE_SCORES the first keeps the scores for the dh
+    walk's dv (`_bwd_dh_kernel`)."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, 1, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -356,6 +365,9 @@ def _fwd_fused_kernel(
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
         A = tl.where(causal, _scores_one_launch(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION) * scale,
                      0.0).to(DT)
+        if STORE_SCORES:
+            if i_v == 0:
+                tl.store(_scores_tile(scores, state_off - i_n + i_t, i_h, offs_c, H, C), A)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
         out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * _exp(G) * scale).to(WIDE_DT), S.to(WIDE_DT),
                                                                  input_precision=PRECISION)
@@ -371,14 +383,18 @@ def _fwd_fused_kernel(
 @triton.jit
 def _bwd_dh_kernel(
     q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, q_by_time, f_by_time,
-    cu_seqlens,
-    state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
+    scores, dv, cu_seqlens, state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
     IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+    WRITE_DV: tl.constexpr,
 ):
     """Also copies q and f into `q_by_time`, `f_by_time` (see `_by_time`; the first V block of each K block writes
-    them): the grads kernel reads them time-contiguous, and this walk reads every chunk of both anyway."""
+    them): the grads kernel reads them time-contiguous, and this walk reads every chunk of both anyway.
+
+    WRITE_DV (a walk over the whole K, not cut into segments, after a one-pass forward that kept its intra-chunk
+    `scores`): dv = A^T do + (k exp(G_C - G)) dS as well, from the chunk-end state gradient dS in registers, and
+    the grads kernel skips it (`_scores_kept` in kernels/triton_scan.py says where, and what it gained)."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -403,8 +419,15 @@ def _bwd_dh_kernel(
             # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
             tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
             tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
-        _, _, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
-        do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
+        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
+        mask_cv = valid[:, None] & mask_v[None, :]
+        do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv)
+        if WRITE_DV:
+            A = tl.load(_scores_tile(scores, chunk_off + i_t, i_h, offs_c, H, C))
+            k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+            dv_t = tl.dot(tl.trans(A), do_t.to(A.dtype), input_precision=PRECISION) + tl.dot(
+                k_end, dS.to(WIDE_DT), input_precision=PRECISION)
+            tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
         dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
@@ -477,6 +500,7 @@ def _bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, LAUNCH: tl.constexpr,
+    WRITE_DV: tl.constexpr,
 ):
     """Launched twice. The first launch (ANCHORED_LAUNCH) does the chunks whose intra-chunk pairs one anchor spans
     (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by anchored blocks
@@ -487,7 +511,9 @@ def _bwd_kernel(
     Every per-channel tile is held [K, C], and q and the gate come from the dh kernel's time-contiguous copies, so
     that Triton lays a chunk's positions inside each warp: the cumulative sums and reductions over C (a third of
     this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape with the copy of f
-    (HISTORY.md, v4), 1.91 with the copy of q too (HISTORY.md, fifth and sixth sessions)."""
+    (HISTORY.md, v4), 1.91 with the copy of q too (HISTORY.md, fifth and sixth sessions).
+
+    WRITE_DV: dv too, unless the dh walk wrote it (`_bwd_dh_kernel`)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
@@ -520,9 +546,11 @@ def _bwd_kernel(
         if not anchored:
             return
         q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
-        A = _pair_sums(q_mid, k_mid, PRECISION, 1)
-    A = tl.where(causal, A * scale, 0.0).to(DT)
-    k_end = (k * _exp(G_last[:, None] - G)).to(WIDE_DT)
+        if WRITE_DV:
+            A = _pair_sums(q_mid, k_mid, PRECISION, 1)
+    if WRITE_DV:
+        A = tl.where(causal, A * scale, 0.0).to(DT)
+        k_end = (k * _exp(G_last[:, None] - G)).to(WIDE_DT)
     # Held instead of g, sigmoid(f) and sigmoid(-f): two tiles for three, fewer spills, and triton 3.8 evaluates the
     # log once (grads at the ViT's shape 0.268 -> 0.262 ms, 64-wide LM heads 0.693 -> 0.670, the record shape
     # unchanged; H200, triton 3.6, kernels/HISTORY.md, fifteenth session).
@@ -544,9 +572,11 @@ def _bwd_kernel(
         dA += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
         dq_inter += tl.dot(h_start, tl.trans(do_t.to(WIDE_DT)), input_precision=PRECISION)
         dk_state += tl.dot(dh_end, tl.trans(v_t.to(WIDE_DT)), input_precision=PRECISION)
-        dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(tl.trans(k_end), dh_end,
-                                                                              input_precision=PRECISION)
-        tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
+        if WRITE_DV:
+            dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(tl.trans(k_end), dh_end,
+                                                                                  input_precision=PRECISION)
+            tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty),
+                     mask=mask_cv)
         dh_dot_h += tl.sum(h_start.to(tl.float32) * dh_end.to(tl.float32), axis=1)
 
     # The diagonal pairs (t, t) of the intra-chunk scores carry no decay, so their gate gradients cancel

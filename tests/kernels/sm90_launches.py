@@ -100,11 +100,12 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
         T = 100
         q, f, v = (torch.zeros(B, T, H, K, dtype=dtype) for _ in range(3))
         bound, h0 = torch.zeros(H, K), torch.zeros(B, H, K, K)
-        _, _, states, seeds = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True, CHUNK)
+        _, _, states, seeds, scores = scan_fwd(q, f, v, bound, h0, cu_seqlens, 1.0, reverse, not recompute, True,
+                                               CHUNK, True)
         if recompute:
             states = scan_states(q, f, v, bound, h0, seeds, cu_seqlens, reverse)
-        scan_bwd(q, f, v, bound, h0, states, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0, reverse,
-                 True)
+        scan_bwd(q, f, v, bound, h0, states, scores, torch.zeros_like(v), torch.zeros(B, H, K, K), cu_seqlens, 1.0,
+                 reverse, True)
 
     return run
 
@@ -116,7 +117,7 @@ def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2):
     def run():
         q, f, v = (torch.zeros(B, 200, H, K, dtype=dtype) for _ in range(3))
         scan_fwd(q, f, v, torch.zeros(H, K), torch.zeros(B, H, K, K), None, 1.0, False, False, True,
-                 _forward_chunk(B, H, K, K, dtype, None, None, backward=False))
+                 _forward_chunk(B, H, K, K, dtype, None, None, backward=False), False)
 
     return run
 

@@ -262,13 +262,13 @@ def test_forward_without_grad_keeps_no_states():
     b = torch.rand(H, K, device=DEVICE) * 0.9
     h0 = torch.randn(len(lengths), H, K, K, device=DEVICE)
     with torch.no_grad():
-        _, _, states, seeds = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True,
-                                                   triton_scan.CHUNK)
+        _, _, states, seeds, scores = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True,
+                                                           triton_scan.CHUNK, False)
         ours = hgrn2_scan(q, f, i, b, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
                           reverse=True, backend="triton")
     exact = hgrn2_scan(*(x.double() for x in (q, f, i, b)), initial_state=h0.double(), output_final_state=True,
                        cu_seqlens=cu_seqlens, reverse=True, backend="naive")
-    assert states.numel() == 0 and seeds.numel() == 0
+    assert states.numel() == 0 and seeds.numel() == 0 and scores.numel() == 0
     errors = {name: relative_error(x, y) for name, x, y in zip(["o", "final_state"], ours, exact)}
     assert_close_to_oracle(errors, torch.float32)
 
@@ -365,6 +365,38 @@ def test_fused_forward_keeps_the_states_for_the_backward(case):
     assert_close_to_oracle(compare_with_oracle(**options), torch.float32)
 
 
+def test_where_the_dh_walk_takes_dv():
+    """`_scores_kept` on the H100's 132 SMs: where the one-pass forward runs and the dh walk holds the whole K uncut
+    (the record shape at T 1K to 4K, which then walks the whole state; vit_small's 64 x 64 walk tiles), not where
+    that walk splits K (the ViT-tiny's 32 x 64 tiles, 64-wide LM heads) nor without the one-pass forward (T 8K and
+    16K, float16)."""
+    kept = lambda B, T, H, K, dtype=torch.bfloat16: triton_scan._scores_kept(B, T, H, K, K, dtype, None, None)
+    assert all([kept(32, 1024, 16, 128), kept(16, 2048, 16, 128), kept(8, 4096, 16, 128), kept(256, 256, 6, 64)])
+    assert not any([kept(256, 256, 3, 64), kept(16, 2048, 16, 64), kept(4, 8192, 16, 128), kept(2, 16384, 16, 128)])
+    assert not kept(16, 2048, 16, 128, dtype=torch.float16)
+    assert triton_scan._tiles("dh", 128, 128, torch.bfloat16, walks=512, with_dv=True)["BK"] == 128
+
+
+DV_IN_WALK_CASES = {  # on a one-SM GPU, so that these few walks are not cut into segments
+    "T 70": dict(T=70),
+    "reverse, gates near 0": dict(T=100, reverse=True, gate_shift=-20.0, bounded=False),
+    "whole 128-wide state, float16": dict(B=1, T=70, K=128, dtype=torch.float16),
+}
+
+
+@pytest.mark.skipif(GPU, reason="the GPU matrix runs the walk's dv at the shapes that take it")
+@pytest.mark.usefixtures("one_pass_forward")
+@pytest.mark.parametrize("case", DV_IN_WALK_CASES, ids=list(DV_IN_WALK_CASES))
+def test_the_dh_walk_takes_dv_from_the_forwards_scores(case, monkeypatch):
+    """The forward keeps its intra-chunk scores and the dh walk writes dv from them (the grads kernel leaves dv to
+    it: poisoned, it would show)."""
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
+    options = DV_IN_WALK_CASES[case]
+    dtype, K = options.get("dtype", torch.float32), options.get("K", 16)
+    assert triton_scan._scores_kept(options.get("B", 2), options["T"], 2, K, K, dtype, None, None)
+    assert_close_to_oracle(compare_with_oracle(**options), dtype)
+
+
 def test_a_lower_bound_out_of_range_fails_clearly():
     """The range check's verdict is read after the kernels are queued (on a GPU the host does not wait for the
     scan), and still raises, naming the values found."""
@@ -399,13 +431,13 @@ def test_operators_pass_opcheck():
     q, f, i = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     b = (torch.rand(2, 16, device=DEVICE) * 0.9).requires_grad_()
     for save_states in (True, False):
-        args = (q, f, i, b, None, None, 0.25, False, save_states, True, triton_scan.CHUNK)
+        args = (q, f, i, b, None, None, 0.25, False, save_states, True, triton_scan.CHUNK, True)
         torch.library.opcheck(triton_scan.scan_fwd_op, args)
-    o, _, states, seeds = triton_scan.scan_fwd(*(x.detach() for x in (q, f, i, b)), None, None, 0.25, True, True,
-                                               False, triton_scan.CHUNK)
+    o, _, states, seeds, scores = triton_scan.scan_fwd(*(x.detach() for x in (q, f, i, b)), None, None, 0.25, True,
+                                                       True, False, triton_scan.CHUNK, True)
     torch.library.opcheck(triton_scan.scan_states_op, (q, f, i, b, None, seeds, None, True))
-    torch.library.opcheck(triton_scan.scan_bwd_op, (q, f, i, b, None, states, torch.randn_like(o), None, None, 0.25,
-                                                    True, False))
+    torch.library.opcheck(triton_scan.scan_bwd_op, (q, f, i, b, None, states, scores, torch.randn_like(o), None, None,
+                                                    0.25, True, False))
 
 
 # ---- GPU: the full matrix ------------------------------------------------------------------------------------
@@ -415,6 +447,7 @@ GPU_CASES = {
     "T 16384": dict(B=1, T=16384, H=2, K=64),
     "T 16384 recomputed": dict(B=1, T=16384, H=2, K=64, recompute_states=True),  # cut walks, seeds
     "B*H 1": dict(B=1, H=1, T=300), "B*H 256": dict(B=16, H=16, T=200, K=128),  # the sequential kernels' wide tiles
+    "B*H 512": dict(B=32, H=16, T=100, K=128),  # the whole state walked with dv (`_scores_kept`) at 4 walks per SM
     "head dim 128": dict(T=300, K=128), "head dim 256": dict(T=200, K=256, H=1),
     "head dims 1, 2, 4, 8": dict(T=500, K=4, H=4),
     "gates near 0": dict(T=500, gate_shift=-20.0, bounded=False),
@@ -431,6 +464,9 @@ GPU_CASES = {
     "head dim 64, gates near 0": dict(T=500, K=64, gate_shift=-20.0, bounded=False),
     "head dim 64, packed reverse": dict(B=1, T=1000, K=64, lengths=[500, 1, 499], reverse=True),
     "head dim 64, many walks": dict(B=96, T=100, H=3, K=64),  # the ViTs' walks: their own tiles (`_tiles`)
+    # vit_small's walks: 64 x 64 dh tiles, the whole K, so the dh walk takes dv from the forward's scores (as "B*H
+    # 256" does with the whole 128 x 128 state)
+    "head dim 64, the whole K per walk": dict(B=384, T=100, H=3, K=64),
 }
 
 
