@@ -121,7 +121,7 @@ class _Walks:
     walks start each segment from the seeds a "seeds" forward left, so their states are exact with no carry."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
-                 device: torch.device, carry: str, with_dv: bool = False):
+                 device: torch.device, carry: str, dv_in_walk: bool = False):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
         self.n_segments, segment_chunks = _segment_layout(_cdiv(T, layout.chunk), walks, K, V, layout.is_varlen,
@@ -131,7 +131,7 @@ class _Walks:
         self.segmented = self.n_segments > 1 and not self.seeded
         self.segment_chunks = segment_chunks if self.n_segments > 1 else 2**30  # one walk, any length
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device, layout.chunk, layout.is_varlen,
-                            with_dv)
+                            dv_in_walk)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
         slots = layout.n_states if kernel == "states" else layout.n_chunks
         if self.segmented:
@@ -219,7 +219,7 @@ def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_
     if not _fused_forward(B, H, K, V, dtype, cu_seqlens, device):
         return False
     n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
-    return n_segments == 1 and _tiles("dh", K, V, dtype, B * H, device, with_dv=True)["BK"] >= K
+    return n_segments == 1 and _tiles("dh", K, V, dtype, B * H, device, dv_in_walk=True)["BK"] >= K
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
@@ -227,10 +227,11 @@ TILE_OVERRIDES: dict[str, dict] = {}
 
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
-           chunk: int = CHUNK, packed: bool = False, with_dv: bool = False) -> dict:
+           chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`.
+    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`;
+    the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
     Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
@@ -246,7 +247,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       B 16: states 0.417 -> 0.339 ms, dh 0.442 -> 0.421, triton 3.8 on the H200; sixteenth session). With more
       programs than that (T 1K: a tie), fewer (T 4K: 0.39 -> 0.51), packed walks (0.42 -> 0.55), 64-wide heads
       (dh 0.19 -> 0.21), chunk 64 (the no-grad forward 0.79 -> 0.90) or float32 inputs (60% of the instructions
-      spills) they lose. A dh walk that also writes dv (`with_dv`, `_scores_kept`) takes the whole state whatever
+      spills) they lose. A dh walk that also writes dv (`dv_in_walk`, `_scores_kept`) takes the whole state whatever
       the number of walks, with 8 warps (at 4 it spills 384 bytes).
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
@@ -262,7 +263,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
     whole_state_programs = walks * _cdiv(V, walk_BV)
-    if kernel == "dh" and with_dv and BK == 128:
+    if kernel == "dh" and dv_in_walk and BK == 128:
         tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2)
     elif (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
             and _sm_count(device) < whole_state_programs <= 2 * _sm_count(device)):
@@ -289,6 +290,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
         elif BK >= 256 and dtype != torch.bfloat16:
             BV //= 2
         tiles = dict(BK=BK, BV=BV, HOLD_GATE=dtype != torch.float32, **wide)
+        if dv_in_walk:  # the grads kernel without dv: triton 3.8 pipelines it wrongly at 3 stages (bf16, K 128,
+            tiles["num_stages"] = min(2, tiles["num_stages"])  # H100: d f 5e-2; right at 1 or 2; nineteenth session)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
@@ -572,7 +575,7 @@ def scan_bwd(
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
         dv_in_walk = scores.numel() > 0
-        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite", with_dv=dv_in_walk)
+        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite", dv_in_walk=dv_in_walk)
         if dv_in_walk and (walks.segmented or walks.tiles["BK"] < K):
             raise RuntimeError("scan_bwd: the forward kept its scores for a dh walk over the whole K, but this one "
                                "splits K or is cut into segments: `_scores_kept` and `_tiles` disagree")
@@ -586,15 +589,11 @@ def scan_bwd(
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         flags = _fallback_flags(layout, H, q.device)
-        grads_tiles = _tiles("grads", K, V, q.dtype)
-        if dv_in_walk:
-            # Triton 3.8 pipelines this kernel without dv wrongly at 3 stages: bf16, K 128, H100, d f 5e-2 against
-            # float64, right at 1 or 2 (kernels/HISTORY.md, nineteenth session).
-            grads_tiles["num_stages"] = min(2, grads_tiles["num_stages"])
         for launch in (ANCHORED_LAUNCH, FALLBACK_LAUNCH):
             _bwd_kernel[(layout.n_chunks, H)](
                 q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
-                layout.state_offsets, layout.chunk_table, v.stride(1), scale, T, **grads_tiles, ANCHORED_DT=tl.float32,
+                layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
+                **_tiles("grads", K, V, q.dtype, dv_in_walk=dv_in_walk), ANCHORED_DT=tl.float32,
                 LAUNCH=launch, WRITE_DV=not dv_in_walk, **common,
             )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()

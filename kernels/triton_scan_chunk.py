@@ -122,6 +122,13 @@ def _chunk_gate(f_t, b, one_minus_b, mask, offs_c, C: tl.constexpr, AXIS: tl.con
 
 
 @triton.jit
+def _decayed_to_chunk_end(x, G, G_last, AXIS: tl.constexpr):
+    """x exp(G_last - G) for a chunk tile with positions along AXIS: each position's term carried to the chunk's end,
+    as a key enters the state there (and, in the backward, as the state's gradient reaches it)."""
+    return x * _exp(_per_channel(G_last, AXIS) - G)
+
+
+@triton.jit
 def _cumsum_by_matmul(g, offs_c):
     """The cumulative sum of a [C, K] tile over its positions (axis 0) as lower-triangular ones times g, on the tensor
     cores. Tiles 128 channels wide spread a chunk's positions over the warps, so `tl.cumsum` goes through shared

@@ -35,6 +35,7 @@ from kernels.triton_scan_chunk import (
     _anchored_operands,
     _bound,
     _chunk_gate,
+    _decayed_to_chunk_end,
     _exp,
     _fallback_intra_grads,
     _fallback_scores,
@@ -95,6 +96,12 @@ def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.cons
 def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
     """The [C, block] tile of head i_h of a [rows, H, D] tensor (row stride `stride`) at the chunk's memory rows."""
     return tl.load(x + rows[:, None] * stride + i_h * D + offs[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(x, rows, i_h, offs, H: tl.constexpr, D: tl.constexpr, value, mask):
+    """`value` into the [C, block] tile of head i_h of a contiguous [rows, H, D] output at the chunk's memory rows."""
+    tl.store(x + (rows[:, None] * H + i_h) * D + offs[None, :], value.to(x.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -229,7 +236,7 @@ def _fwd_states_kernel(
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
         _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
-        k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+        k_end = _decayed_to_chunk_end(k, G, G_last, 0).to(WIDE_DT)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
@@ -327,7 +334,7 @@ def _fwd_output_kernel(
         if SEEDED:
             seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
             out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
-        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
+        _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
 
 
 @triton.jit
@@ -371,8 +378,8 @@ def _fwd_fused_kernel(
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
         out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * _exp(G) * scale).to(WIDE_DT), S.to(WIDE_DT),
                                                                  input_precision=PRECISION)
-        tl.store(o + (rows[:, None] * H + i_h) * V + offs_v[None, :], out.to(o.dtype.element_ty), mask=mask_cv)
-        k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+        _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
+        k_end = _decayed_to_chunk_end(k, G, G_last, 0).to(WIDE_DT)
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
         _store_state(states, (state_off + n_chunks) * H + i_h, S, state_tile, mask_kv, K, V)
@@ -424,10 +431,10 @@ def _bwd_dh_kernel(
         do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv)
         if WRITE_DV:
             A = tl.load(_scores_tile(scores, chunk_off + i_t, i_h, offs_c, H, C))
-            k_end = (k * _exp(G_last[None, :] - G)).to(WIDE_DT)
+            k_end = _decayed_to_chunk_end(k, G, G_last, 0).to(WIDE_DT)
             dv_t = tl.dot(tl.trans(A), do_t.to(A.dtype), input_precision=PRECISION) + tl.dot(
                 k_end, dS.to(WIDE_DT), input_precision=PRECISION)
-            tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty), mask=mask_cv)
+            _store_rows(dv, rows, i_h, offs_v, H, V, dv_t, mask_cv)
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
         dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
@@ -550,7 +557,7 @@ def _bwd_kernel(
             A = _pair_sums(q_mid, k_mid, PRECISION, 1)
     if WRITE_DV:
         A = tl.where(causal, A * scale, 0.0).to(DT)
-        k_end = (k * _exp(G_last[:, None] - G)).to(WIDE_DT)
+        k_end = _decayed_to_chunk_end(k, G, G_last, 1).to(WIDE_DT)
     # Held instead of g, sigmoid(f) and sigmoid(-f): two tiles for three, fewer spills, and triton 3.8 evaluates the
     # log once (grads at the ViT's shape 0.268 -> 0.262 ms, 64-wide LM heads 0.693 -> 0.670, the record shape
     # unchanged; H200, triton 3.6, kernels/HISTORY.md, fifteenth session).
@@ -575,8 +582,7 @@ def _bwd_kernel(
         if WRITE_DV:
             dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(tl.trans(k_end), dh_end,
                                                                                   input_precision=PRECISION)
-            tl.store(dv + (rows[:, None] * H + i_h) * V + offs_v[None, :], dv_t.to(dv.dtype.element_ty),
-                     mask=mask_cv)
+            _store_rows(dv, rows, i_h, offs_v, H, V, dv_t, mask_cv)
         dh_dot_h += tl.sum(h_start.to(tl.float32) * dh_end.to(tl.float32), axis=1)
 
     # The diagonal pairs (t, t) of the intra-chunk scores carry no decay, so their gate gradients cancel
@@ -593,7 +599,7 @@ def _bwd_kernel(
             G_mid, _ = _anchor(G, offs_c, valid, C, 1)
             q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
     dq_t = dq_inter * _exp(G) * scale
-    dk_state = dk_state * _exp(G_last[:, None] - G)
+    dk_state = _decayed_to_chunk_end(dk_state, G, G_last, 1)
     if LAUNCH == ANCHORED_LAUNCH:
         dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
         dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)

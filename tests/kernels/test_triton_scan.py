@@ -374,7 +374,7 @@ def test_where_the_dh_walk_takes_dv():
     assert all([kept(32, 1024, 16, 128), kept(16, 2048, 16, 128), kept(8, 4096, 16, 128), kept(256, 256, 6, 64)])
     assert not any([kept(256, 256, 3, 64), kept(16, 2048, 16, 64), kept(4, 8192, 16, 128), kept(2, 16384, 16, 128)])
     assert not kept(16, 2048, 16, 128, dtype=torch.float16)
-    assert triton_scan._tiles("dh", 128, 128, torch.bfloat16, walks=512, with_dv=True)["BK"] == 128
+    assert triton_scan._tiles("dh", 128, 128, torch.bfloat16, walks=512, dv_in_walk=True)["BK"] == 128
 
 
 DV_IN_WALK_CASES = {  # on a one-SM GPU, so that these few walks are not cut into segments
