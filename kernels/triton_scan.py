@@ -213,9 +213,10 @@ def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_
       2.64 (2.62 in `benchmarks/scan.py`); T 1K (B 32): 2.94 -> 2.81; T 4K (B 8): 2.80 -> 2.63;
     - vit_small (B 256, T 256, H 6, K 64): grads 0.485 -> 0.391, dh 0.142 -> 0.208; f+b 0.83 -> 0.80.
     The dh walk computing the scores itself instead lost the gain (record: the walk 0.83 ms, f+b a tie; vit_small
-    0.83 -> 0.85), and so did 128 x 64 state tiles (T 1K and 4K: f+b 3.27 and 3.09). Where the dh walk splits
-    K (the ViT-tiny's 32 x 64 tiles, 64-wide LM heads), dv needs the whole K's scores and stays in the grads
-    kernel; those shapes were not measured with whole-K tiles."""
+    0.83 -> 0.85), and so did 128 x 64 state tiles (T 1K and 4K: f+b 3.27 and 3.09). 64-wide heads whose walk
+    split K into 32 x 64 tiles without dv gain too from whole-K 64 x 64 tiles with it (twentieth session): the
+    ViT-tiny (B 256, T 256, H 3) f+b 0.444 -> 0.419 ms, at T 196 0.390 -> 0.370, 64-wide LM heads (T 2K, B 16, H 16)
+    1.100 -> 1.050."""
     if not _fused_forward(B, H, K, V, dtype, cu_seqlens, device):
         return False
     n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
@@ -248,7 +249,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       programs than that (T 1K: a tie), fewer (T 4K: 0.39 -> 0.51), packed walks (0.42 -> 0.55), 64-wide heads
       (dh 0.19 -> 0.21), chunk 64 (the no-grad forward 0.79 -> 0.90) or float32 inputs (60% of the instructions
       spills) they lose. A dh walk that also writes dv (`dv_in_walk`, `_scores_kept`) takes the whole state whatever
-      the number of walks, with 8 warps (at 4 it spills 384 bytes).
+      the number of walks: with 8 warps at K 128 (at 4 it spills 384 bytes), with 4 at K 64 (ViT-tiny's 768 walks:
+      dh 0.128 ms with 2 warps, 0.105 with 4; vit_small's 1,536 a tie, 0.209 -> 0.204; twentieth session).
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
@@ -263,8 +265,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
     whole_state_programs = walks * _cdiv(V, walk_BV)
-    if kernel == "dh" and dv_in_walk and BK == 128:
-        tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2)
+    if kernel == "dh" and dv_in_walk and BK in (64, 128):
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=8 if BK == 128 else 4, num_stages=2)
     elif (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
             and _sm_count(device) < whole_state_programs <= 2 * _sm_count(device)):
         tiles = dict(BK=BK, BV=walk_BV, num_warps=4, num_stages=2)
@@ -290,8 +292,10 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
         elif BK >= 256 and dtype != torch.bfloat16:
             BV //= 2
         tiles = dict(BK=BK, BV=BV, HOLD_GATE=dtype != torch.float32, **wide)
-        if dv_in_walk:  # the grads kernel without dv: triton 3.8 pipelines it wrongly at 3 stages (bf16, K 128,
-            tiles["num_stages"] = min(2, tiles["num_stages"])  # H100: d f 5e-2; right at 1 or 2; nineteenth session)
+        # The grads kernel without dv: triton 3.8 pipelines it wrongly at 3 stages (bf16, H100: d f 5e-2 at K 128,
+        # nineteenth session; 2.3e-2 at K 64, where 3 would take ViT-tiny 0.420 -> 0.406 ms, twentieth)
+        if dv_in_walk:
+            tiles["num_stages"] = min(2, tiles["num_stages"])
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}

@@ -366,15 +366,19 @@ def test_fused_forward_keeps_the_states_for_the_backward(case):
 
 
 def test_where_the_dh_walk_takes_dv():
-    """`_scores_kept` on the H100's 132 SMs: where the one-pass forward runs and the dh walk holds the whole K uncut
-    (the record shape at T 1K to 4K, which then walks the whole state; vit_small's 64 x 64 walk tiles), not where
-    that walk splits K (the ViT-tiny's 32 x 64 tiles, 64-wide LM heads) nor without the one-pass forward (T 8K and
-    16K, float16)."""
+    """`_scores_kept` on the H100's 132 SMs: where the one-pass forward runs, and then the dh walk holds the whole K
+    uncut (the record shape at T 1K to 4K walks the whole state; 64-wide heads, which without dv would split K
+    at the ViT-tiny's 768 walks and the LM's 256, walk 64 x 64 tiles), not without the one-pass forward (T 8K and
+    16K, float16, 64-wide heads of too few walks)."""
     kept = lambda B, T, H, K, dtype=torch.bfloat16: triton_scan._scores_kept(B, T, H, K, K, dtype, None, None)
     assert all([kept(32, 1024, 16, 128), kept(16, 2048, 16, 128), kept(8, 4096, 16, 128), kept(256, 256, 6, 64)])
-    assert not any([kept(256, 256, 3, 64), kept(16, 2048, 16, 64), kept(4, 8192, 16, 128), kept(2, 16384, 16, 128)])
+    assert all([kept(256, 256, 3, 64), kept(16, 2048, 16, 64)])
+    assert not any([kept(4, 8192, 16, 128), kept(2, 16384, 16, 128), kept(2, 16384, 16, 64)])
     assert not kept(16, 2048, 16, 128, dtype=torch.float16)
-    assert triton_scan._tiles("dh", 128, 128, torch.bfloat16, walks=512, dv_in_walk=True)["BK"] == 128
+    for K, walks in [(128, 512), (64, 768), (64, 256)]:
+        tiles = triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks, dv_in_walk=True)
+        assert (tiles["BK"], tiles["BV"]) == (K, K), (K, walks)
+        assert triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks)["BK"] < K, (K, walks)  # without dv
 
 
 DV_IN_WALK_CASES = {  # on a one-SM GPU, so that these few walks are not cut into segments
@@ -464,6 +468,8 @@ GPU_CASES = {
     "head dim 64, gates near 0": dict(T=500, K=64, gate_shift=-20.0, bounded=False),
     "head dim 64, packed reverse": dict(B=1, T=1000, K=64, lengths=[500, 1, 499], reverse=True),
     "head dim 64, many walks": dict(B=96, T=100, H=3, K=64),  # the ViTs' walks: their own tiles (`_tiles`)
+    # bfloat16 at K 64 runs the grads kernel without dv at 3 stages, which at K 128 miscomputed the gate gradients
+    "head dim 64, many walks, gates near 0": dict(B=96, T=100, H=3, K=64, gate_shift=-20.0, bounded=False),
     # vit_small's walks: 64 x 64 dh tiles, the whole K, so the dh walk takes dv from the forward's scores (as "B*H
     # 256" does with the whole 128 x 128 state)
     "head dim 64, the whole K per walk": dict(B=384, T=100, H=3, K=64),
