@@ -51,6 +51,8 @@ CANDIDATES = {
     # Two 8-warp grads programs per SM need 128 registers and at most 113 KiB of shared memory each: at 3 stages
     # the pipelined tiles take 126 KiB, so only 2 stages can (88 KiB holding the gate, 55 KiB not; 130-230 bytes
     # more spills than 1 stage). The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
+    # Under triton 3.8 the grads kernel of bfloat16 races at 2 or 3 stages (`wgmma_refill_races` in
+    # tests/kernels/sm90_launches.py), which a sweep's error against the default need not show: check a winner there.
     "output": _grid(BV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
     + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
     "grads": _grid(BV=[64], num_warps=[8], num_stages=[2, 3])

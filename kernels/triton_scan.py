@@ -232,7 +232,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
     the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`;
-    the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
+    the dh walk on whether it writes dv (`dv_in_walk`, `_scores_kept`).
     Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
@@ -260,7 +260,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
       grads kernel's state tiles are float32 (float32 and float16 inputs) at K 256 a 32-wide V block there (302
-      KiB at 64)."""
+      KiB at 64); none either in the grads kernel where its chunk states are bfloat16 (a race, in the code below)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
@@ -292,10 +292,14 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
         elif BK >= 256 and dtype != torch.bfloat16:
             BV //= 2
         tiles = dict(BK=BK, BV=BV, HOLD_GATE=dtype != torch.float32, **wide)
-        # The grads kernel without dv: triton 3.8 pipelines it wrongly at 3 stages (bf16, H100: d f 5e-2 at K 128,
-        # nineteenth session; 2.3e-2 at K 64, where 3 would take ViT-tiny 0.420 -> 0.406 ms, twentieth)
-        if dv_in_walk:
-            tiles["num_stages"] = min(2, tiles["num_stages"])
+        # Unpipelined where its chunk states are bfloat16 (K 64, 128): triton 3.8 pipelines the V loop's tiles,
+        # which also have register users, with one slot too few and lets the async wgmma read that slot while the
+        # loop refills it (`wgmma_refill_races` in tests/kernels/sm90_launches.py). At 3 stages without dv the gate
+        # gradients were off by 2e-2 to 5e-2, at 2 the record shape's gradients differed bitwise from run to run;
+        # unpipelined they are repeatable, at a cost (H100: record f+b 2.648 -> 2.885 ms, ViT-tiny 0.419 -> 0.465;
+        # kernels/HISTORY.md, twentieth session).
+        if dtype == torch.bfloat16 and BK in (64, 128):
+            tiles["num_stages"] = 1
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
@@ -597,7 +601,7 @@ def scan_bwd(
             _bwd_kernel[(layout.n_chunks, H)](
                 q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
                 layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
-                **_tiles("grads", K, V, q.dtype, dv_in_walk=dv_in_walk), ANCHORED_DT=tl.float32,
+                **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32,
                 LAUNCH=launch, WRITE_DV=not dv_in_walk, **common,
             )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()

@@ -73,8 +73,41 @@ def compile_for_sm90(kernel, grid, args, kwargs) -> dict:
     """`compile_launch`, summed up: shared memory, 16-bit global accesses, the launch's options and head sizes."""
     compiled, options = compile_launch(kernel, args, kwargs)
     return {"kernel": kernel.__name__, "grid": list(grid), "shared_bytes": compiled.metadata.shared,
-            "global_16bit_accesses": _global_16bit_accesses(compiled.asm["cubin"]), **options,
+            "global_16bit_accesses": _global_16bit_accesses(compiled.asm["cubin"]),
+            "wgmma_refill_races": wgmma_refill_races(compiled.asm["ttgir"]), **options,
             **{name: str(value) for name, value in kwargs.items() if name in ("K", "BK", "BV", "WIDE_DT")}}
+
+
+def wgmma_refill_races(ttgir: str) -> list[str]:
+    """The pipelined shared-memory buffers of a kernel's TTGIR that an asynchronous wgmma may still be reading when
+    the loop refills the same slot: a race, undefined behaviour in PTX. Triton 3.8 gives a loop's pipelined tile
+    only as many slots as loads in flight when the tile has register users besides a wgmma, yet lets the wgmma read
+    the slot itself, and waits for it only when the loop's dots exceed `pendings`. The grads kernel had these
+    (kernels/HISTORY.md, twentieth session: at 3 stages gate gradients off by 2e-2 to 5e-2 in bf16, at 2 the record
+    shape's gradients differing bitwise from run to run)."""
+    races = []
+    lines = ttgir.splitlines()
+    for buffer, slots in re.findall(r"(%\w+) = ttg.local_alloc : \(\) -> !ttg.memdesc<(\d+)x", ttgir):
+        in_flight = len(re.findall(rf"ttg.memdesc_index {buffer}\[%c\d+_i32\]", ttgir))  # the prologue's fills
+        if int(slots) > in_flight:
+            continue  # the loop refills a slot that no dot of this iteration reads
+        views = set(re.findall(rf"(%\w+) = ttg.memdesc_index {buffer}\[", ttgir))
+        views |= set(re.findall(rf"(%\w+) = ttg.memdesc_trans (?:{'|'.join(map(re.escape, views))})\b", ttgir))
+        dots_since_read = None  # async dots issued since the last one that reads the buffer, while it may be pending
+        for line in lines:
+            dot = re.search(r"ttng.warp_group_dot (%\w+), (%\w+),.*isAsync = true", line)
+            if dot and views & {dot.group(1), dot.group(2)}:
+                dots_since_read = 0
+            elif dot and dots_since_read is not None:
+                dots_since_read += 1
+            wait = re.search(r"warp_group_dot_wait .*pendings = (\d+)", line)
+            if wait and dots_since_read is not None and dots_since_read >= int(wait.group(1)):
+                dots_since_read = None
+            refill = re.search(r"ttg.async_copy_global_to_local %\w+, (%\w+)", line)
+            if refill and dots_since_read is not None and refill.group(1) in views:
+                races.append(buffer)
+                break
+    return races
 
 
 def _global_16bit_accesses(cubin: bytes) -> int:
