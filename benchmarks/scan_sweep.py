@@ -53,17 +53,20 @@ CANDIDATES = {
     # more spills than 1 stage). The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
     # Under triton 3.8 the grads kernel of bfloat16 races at 2 or 3 stages (`wgmma_refill_races` in
     # tests/kernels/sm90_launches.py), which a sweep's error against the default need not show: check a winner there.
+    # With OWN_MMA_LOADS it pipelines without the race (offline, sm_90a).
     "output": _grid(BV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
     + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
     "grads": _grid(BV=[64], num_warps=[8], num_stages=[2, 3])
-    + _grid(BV=[64], num_warps=[8], num_stages=[2], maxnreg=[128], HOLD_GATE=[True, False]),
+    + _grid(BV=[64], num_warps=[8], num_stages=[2], maxnreg=[128], HOLD_GATE=[True, False])
+    + _grid(BV=[64], num_warps=[8], num_stages=[2, 3], OWN_MMA_LOADS=[True]),
 }
 SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
     **CANDIDATES,
     "output": _grid(BV=[64], num_warps=[2, 4, 8], num_stages=[2, 3]),
     "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 3], HOLD_GATE=[True, False])
     # 4 warps: 255 registers, so 2 programs per SM; at 128 (3 or 4 per SM by shared memory) ptxas spills.
-    + _grid(BV=[64], num_warps=[4], num_stages=[2, 3], maxnreg=[128, 168], HOLD_GATE=[True, False]),
+    + _grid(BV=[64], num_warps=[4], num_stages=[2, 3], maxnreg=[128, 168], HOLD_GATE=[True, False])
+    + _grid(BV=[32], num_warps=[4], num_stages=[2, 3], OWN_MMA_LOADS=[True]),
     # The one-pass forward, which replaces states and output for many walks of these heads (`_fused_forward`).
     "fused": _grid(BV=[32, 64], num_warps=[2, 4, 8], num_stages=[1, 2, 3]),
 }

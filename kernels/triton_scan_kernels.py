@@ -93,9 +93,10 @@ def _chunk_rows(i_t, offs_c, length, bos, eos, C: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask):
+def _load_rows(x, rows, stride, i_h, offs, D: tl.constexpr, mask, eviction_policy: tl.constexpr = ""):
     """The [C, block] tile of head i_h of a [rows, H, D] tensor (row stride `stride`) at the chunk's memory rows."""
-    return tl.load(x + rows[:, None] * stride + i_h * D + offs[None, :], mask=mask, other=0.0)
+    return tl.load(x + rows[:, None] * stride + i_h * D + offs[None, :], mask=mask, other=0.0,
+                   eviction_policy=eviction_policy)
 
 
 @triton.jit
@@ -507,7 +508,7 @@ def _bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     ANCHORED_DT: tl.constexpr, WIDE_DT: tl.constexpr, HOLD_GATE: tl.constexpr, LAUNCH: tl.constexpr,
-    WRITE_DV: tl.constexpr,
+    WRITE_DV: tl.constexpr, OWN_MMA_LOADS: tl.constexpr,
 ):
     """Launched twice. The first launch (ANCHORED_LAUNCH) does the chunks whose intra-chunk pairs one anchor spans
     (nearly all) and marks the others in `flags`; the second (FALLBACK_LAUNCH) does only those, by anchored blocks
@@ -520,7 +521,11 @@ def _bwd_kernel(
     this kernel's instructions) then need no shared memory: 2.69 -> 2.21 ms at the record shape with the copy of f
     (HISTORY.md, v4), 1.91 with the copy of q too (HISTORY.md, fifth and sixth sessions).
 
-    WRITE_DV: dv too, unless the dh walk wrote it (`_bwd_dh_kernel`)."""
+    WRITE_DV: dv too, unless the dh walk wrote it (`_bwd_dh_kernel`).
+
+    OWN_MMA_LOADS: the V loop's tensor-core products read tiles loaded for them alone, apart from the same tiles'
+    register users. Triton 3.8 then gives them the extra pipeline slot an asynchronous wgmma needs; otherwise its
+    pipelining races (`_tiles`)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
     if i_n < 0:
@@ -576,9 +581,17 @@ def _bwd_kernel(
         do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         dh_end = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        if OWN_MMA_LOADS:  # another eviction hint, so that Triton does not merge these loads with the ones above
+            mma_v = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv, "evict_last").to(WIDE_DT)
+            mma_do = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv, "evict_last").to(WIDE_DT)
+            mma_h = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0, eviction_policy="evict_last")
+            mma_dh = tl.load(dstate_at_end + state_tile, mask=mask_kv, other=0.0, eviction_policy="evict_last")
+            mma_h, mma_dh = mma_h.to(WIDE_DT), mma_dh.to(WIDE_DT)
+        else:
+            mma_v, mma_do, mma_h, mma_dh = v_t.to(WIDE_DT), do_t.to(WIDE_DT), h_start, dh_end
         dA += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
-        dq_inter += tl.dot(h_start, tl.trans(do_t.to(WIDE_DT)), input_precision=PRECISION)
-        dk_state += tl.dot(dh_end, tl.trans(v_t.to(WIDE_DT)), input_precision=PRECISION)
+        dq_inter += tl.dot(mma_h, tl.trans(mma_do), input_precision=PRECISION)
+        dk_state += tl.dot(mma_dh, tl.trans(mma_v), input_precision=PRECISION)
         if WRITE_DV:
             dv_t = tl.dot(tl.trans(A), do_t, input_precision=PRECISION) + tl.dot(tl.trans(k_end), dh_end,
                                                                                   input_precision=PRECISION)

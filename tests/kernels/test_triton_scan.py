@@ -381,6 +381,12 @@ def test_where_the_dh_walk_takes_dv():
         assert triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks)["BK"] < K, (K, walks)  # without dv
 
 
+def test_the_grads_kernel_with_its_own_loads_for_the_tensor_cores(monkeypatch):
+    """OWN_MMA_LOADS, the launch that pipelines the grads kernel without a race (`_tiles`), over two V blocks."""
+    monkeypatch.setitem(triton_scan.TILE_OVERRIDES, "grads", dict(OWN_MMA_LOADS=True, num_stages=2, BV=16))
+    assert_close_to_oracle(compare_with_oracle(T=70, K=32), torch.float32)
+
+
 DV_IN_WALK_CASES = {  # on a one-SM GPU, so that these few walks are not cut into segments
     "T 70": dict(T=70),
     "reverse, gates near 0": dict(T=100, reverse=True, gate_shift=-20.0, bounded=False),
