@@ -216,7 +216,8 @@ def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_
     0.83 -> 0.85), and so did 128 x 64 state tiles (T 1K and 4K: f+b 3.27 and 3.09). 64-wide heads whose walk
     split K into 32 x 64 tiles without dv gain too from whole-K 64 x 64 tiles with it (twentieth session): the
     ViT-tiny (B 256, T 256, H 3) f+b 0.444 -> 0.419 ms, at T 196 0.390 -> 0.370, 64-wide LM heads (T 2K, B 16, H 16)
-    1.100 -> 1.050."""
+    1.100 -> 1.050. These A/B pairs all ran the grads kernel pipelined, before the race fix in `_tiles`; with it
+    unpipelined, whether dv still belongs in the walk is not measured."""
     if not _fused_forward(B, H, K, V, dtype, cu_seqlens, device):
         return False
     n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
