@@ -204,7 +204,8 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "bf16 K128 many heads recomputed": scan_training_step(torch.bfloat16, 128, H=128, recompute=True),
     "bf16 K128 many heads inference": scan_inference(torch.bfloat16, 128, H=128),
-    # the ViTs' walks: one-pass forward (`_fused_forward`), storing the chunk states or not; 32 x 64 dh tiles
+    # the ViTs' walks: one-pass forward (`_fused_forward`), storing the chunk states (and scores) or not; a 64 x 64
+    # dh walk that writes dv
     "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),
     "bf16 K64 many heads inference": scan_inference(torch.bfloat16, 64, H=144),
     # the grads kernel pipelined with its own loads for the tensor cores, which the sweep tries (no race)

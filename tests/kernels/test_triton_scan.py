@@ -474,7 +474,7 @@ GPU_CASES = {
     "head dim 64, gates near 0": dict(T=500, K=64, gate_shift=-20.0, bounded=False),
     "head dim 64, packed reverse": dict(B=1, T=1000, K=64, lengths=[500, 1, 499], reverse=True),
     "head dim 64, many walks": dict(B=96, T=100, H=3, K=64),  # the ViTs' walks: their own tiles (`_tiles`)
-    # bfloat16 at K 64 runs the grads kernel without dv at 3 stages, which at K 128 miscomputed the gate gradients
+    # the walk's dv at K 64, and the grads kernel without dv, whose gate gradients a race once made wrong (`_tiles`)
     "head dim 64, many walks, gates near 0": dict(B=96, T=100, H=3, K=64, gate_shift=-20.0, bounded=False),
     # vit_small's walks: 64 x 64 dh tiles, the whole K, so the dh walk takes dv from the forward's scores (as "B*H
     # 256" does with the whole 128 x 128 state)
