@@ -48,25 +48,21 @@ CANDIDATES = {
     "dh": WALK_CANDIDATES,
     # maxnreg caps registers per thread so that more programs share an SM, at the price of spills: ptxas
     # (sm_90a) gives the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
-    # Two 8-warp grads programs per SM need 128 registers and at most 113 KiB of shared memory each: at 3 stages
-    # the pipelined tiles take 126 KiB, so only 2 stages can (88 KiB holding the gate, 55 KiB not; 130-230 bytes
-    # more spills than 1 stage). The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
-    # Under triton 3.8 the grads kernel of bfloat16 races at 2 or 3 stages (`wgmma_refill_races` in
-    # tests/kernels/sm90_launches.py), which a sweep's error against the default need not show: check a winner there.
-    # With OWN_MMA_LOADS it pipelines without the race (offline, sm_90a).
+    # The grads kernel of bfloat16 pipelines only with OWN_MMA_LOADS (a race otherwise, `_tiles`); at 2 stages its
+    # tiles then take 120 KiB of shared memory, too much for two 8-warp programs per SM, so capping its registers
+    # no longer pays. The first sweep's losers (grads at BV 32 or 4 warps: 2-5x slower) are left out.
     "output": _grid(BV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
     + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
-    "grads": _grid(BV=[64], num_warps=[8], num_stages=[2, 3])
-    + _grid(BV=[64], num_warps=[8], num_stages=[2], maxnreg=[128], HOLD_GATE=[True, False])
-    + _grid(BV=[64], num_warps=[8], num_stages=[2, 3], OWN_MMA_LOADS=[True]),
+    "grads": _grid(BV=[64], num_warps=[8], num_stages=[1], OWN_MMA_LOADS=[False], HOLD_GATE=[True, False])
+    + _grid(BV=[64], num_warps=[8], num_stages=[2, 3], OWN_MMA_LOADS=[True], HOLD_GATE=[True, False]),
 }
 SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
     **CANDIDATES,
     "output": _grid(BV=[64], num_warps=[2, 4, 8], num_stages=[2, 3]),
-    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1, 3], HOLD_GATE=[True, False])
+    "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1], OWN_MMA_LOADS=[False], HOLD_GATE=[True, False])
+    + _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3], OWN_MMA_LOADS=[True], HOLD_GATE=[True, False])
     # 4 warps: 255 registers, so 2 programs per SM; at 128 (3 or 4 per SM by shared memory) ptxas spills.
-    + _grid(BV=[64], num_warps=[4], num_stages=[2, 3], maxnreg=[128, 168], HOLD_GATE=[True, False])
-    + _grid(BV=[32], num_warps=[4], num_stages=[2, 3], OWN_MMA_LOADS=[True]),
+    + _grid(BV=[32], num_warps=[4], num_stages=[2, 3], OWN_MMA_LOADS=[True], maxnreg=[128, 168]),
     # The one-pass forward, which replaces states and output for many walks of these heads (`_fused_forward`).
     "fused": _grid(BV=[32, 64], num_warps=[2, 4, 8], num_stages=[1, 2, 3]),
 }
@@ -142,7 +138,9 @@ def main() -> None:
             # there are, counting the segments that few long walks are cut into.
             segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, args.chunk), B * H, K, K, False,
                                                       torch.device(device))
-            default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device))
+            dv_in_walk = triton_scan._scores_kept(B, T, H, K, K, dtype, None, torch.device(device))
+            default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device),
+                                         dv_in_walk=dv_in_walk)
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
             if kernel not in pool:
                 raise SystemExit(f"the {kernel} kernel runs for heads of at most 64 only: pass --head-dim 64")

@@ -216,8 +216,10 @@ def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_
     0.83 -> 0.85), and so did 128 x 64 state tiles (T 1K and 4K: f+b 3.27 and 3.09). 64-wide heads whose walk
     split K into 32 x 64 tiles without dv gain too from whole-K 64 x 64 tiles with it (twentieth session): the
     ViT-tiny (B 256, T 256, H 3) f+b 0.444 -> 0.419 ms, at T 196 0.390 -> 0.370, 64-wide LM heads (T 2K, B 16, H 16)
-    1.100 -> 1.050. These A/B pairs all ran the grads kernel pipelined, before the race fix in `_tiles`; with it
-    unpipelined, whether dv still belongs in the walk is not measured."""
+    1.100 -> 1.050. These A/B pairs ran the grads kernel with its pipelining race (`_tiles`). Race-free
+    (OWN_MMA_LOADS), dv still belongs in the walk (twenty-first session, f+b without -> with it): record 2.95 ->
+    2.70, T 1K 3.14 -> 2.90, T 4K 2.99 -> 2.71, heads64 1.18 -> 1.07, ViT-tiny 0.475 -> 0.424, vit_small 0.889 ->
+    0.812."""
     if not _fused_forward(B, H, K, V, dtype, cu_seqlens, device):
         return False
     n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
@@ -233,7 +235,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
     the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`;
-    the dh walk on whether it writes dv (`dv_in_walk`, `_scores_kept`).
+    the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
     Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
@@ -261,7 +263,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
       grads kernel's state tiles are float32 (float32 and float16 inputs) at K 256 a 32-wide V block there (302
-      KiB at 64); none either in the grads kernel where its chunk states are bfloat16 (a race, in the code below)."""
+      KiB at 64); the grads kernel of bfloat16 pipelines only with loads of its own for the tensor cores (a race
+      otherwise, in the code below)."""
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
@@ -293,15 +296,16 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
         elif BK >= 256 and dtype != torch.bfloat16:
             BV //= 2
         tiles = dict(BK=BK, BV=BV, HOLD_GATE=dtype != torch.float32, OWN_MMA_LOADS=False, **wide)
-        # Unpipelined where its chunk states are bfloat16 (K 64, 128): triton 3.8 pipelines the V loop's tiles,
-        # which also have register users, with one slot too few and lets the async wgmma read that slot while the
-        # loop refills it (`wgmma_refill_races` in tests/kernels/sm90_launches.py). At 3 stages without dv the gate
-        # gradients were off by 2e-2 to 5e-2, at 2 the record shape's gradients differed bitwise from run to run;
-        # unpipelined they are repeatable, at a cost (H100: record f+b 2.648 -> 2.885 ms, ViT-tiny 0.419 -> 0.465;
-        # kernels/HISTORY.md, twentieth session). OWN_MMA_LOADS pipelines without the race (offline, sm_90a) but
-        # reads the tiles twice; it is not yet timed, so only benchmarks/scan_sweep.py tries it.
+        # Where its chunk states are bfloat16 (K 64, 128), triton 3.8 pipelines the V loop's tiles, which also have
+        # register users, with one slot too few and lets the async wgmma read that slot while the loop refills it
+        # (`wgmma_refill_races` in tests/kernels/sm90_launches.py): at 3 stages the gate gradients were off by 2e-2
+        # to 5e-2, at 2 the record shape's gradients differed bitwise from run to run. OWN_MMA_LOADS gives the
+        # wgmmas loads of their own, and those get the slot. Against the unpipelined launch, the twentieth
+        # session's fix (H100, kernels/HISTORY.md, twenty-first session): record f+b 2.89 -> 2.69 ms at 2 stages
+        # (3 spill: 2.88), T 16K, where this kernel writes dv, 4.30 -> 4.15 at 3 (2: 4.21), ViT-tiny 0.465 -> 0.424
+        # at 3 (2: 0.434).
         if dtype == torch.bfloat16 and BK in (64, 128):
-            tiles["num_stages"] = 1
+            tiles.update(OWN_MMA_LOADS=True, num_stages=2 if BK == 128 and dv_in_walk else 3)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
     return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
@@ -603,7 +607,7 @@ def scan_bwd(
             _bwd_kernel[(layout.n_chunks, H)](
                 q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
                 layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,
-                **_tiles("grads", K, V, q.dtype), ANCHORED_DT=tl.float32,
+                **_tiles("grads", K, V, q.dtype, dv_in_walk=dv_in_walk), ANCHORED_DT=tl.float32,
                 LAUNCH=launch, WRITE_DV=not dv_in_walk, **common,
             )
     db = db_chunks.sum(0) if lower_bound is not None else dummy.float()

@@ -143,20 +143,6 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
     return run
 
 
-def with_launches(run, **overrides):
-    """`run` with some kernels' launches replaced (`TILE_OVERRIDES`), as benchmarks/scan_sweep.py tries them."""
-    from kernels import triton_scan
-
-    def run_overridden():
-        triton_scan.TILE_OVERRIDES.update(overrides)
-        try:
-            run()
-        finally:
-            triton_scan.TILE_OVERRIDES.clear()
-
-    return run_overridden
-
-
 def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2):
     """A forward no backward follows: its own chunk (`_forward_chunk`; with 64, the output kernel's two launches)."""
     from kernels.triton_scan import _forward_chunk, scan_fwd
@@ -208,11 +194,6 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     # dh walk that writes dv
     "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),
     "bf16 K64 many heads inference": scan_inference(torch.bfloat16, 64, H=144),
-    # the grads kernel pipelined with its own loads for the tensor cores, which the sweep tries (no race)
-    "bf16 K128 many heads, own MMA loads": with_launches(scan_training_step(torch.bfloat16, 128, H=128),
-                                                         grads=dict(OWN_MMA_LOADS=True, num_stages=2)),
-    "bf16 K64 few heads, own MMA loads": with_launches(scan_training_step(torch.bfloat16, 64),
-                                                       grads=dict(OWN_MMA_LOADS=True, num_stages=3)),
     "fp32 K128 few heads": scan_training_step(torch.float32, 128),
     **{f"{name} K{K} inference": scan_inference(dtype, K) for name, dtype in _NAMES.items() for K in (64, 128, 256)},
     "decode bf16 K128": decode(torch.bfloat16, 128),

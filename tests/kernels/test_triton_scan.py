@@ -382,7 +382,8 @@ def test_where_the_dh_walk_takes_dv():
 
 
 def test_the_grads_kernel_with_its_own_loads_for_the_tensor_cores(monkeypatch):
-    """OWN_MMA_LOADS, the launch that pipelines the grads kernel without a race (`_tiles`), over two V blocks."""
+    """OWN_MMA_LOADS, the grads kernel's launch for bfloat16 chunk states (`_tiles`), over two V blocks; in float32
+    here, for a tight bound."""
     monkeypatch.setitem(triton_scan.TILE_OVERRIDES, "grads", dict(OWN_MMA_LOADS=True, num_stages=2, BV=16))
     assert_close_to_oracle(compare_with_oracle(T=70, K=32), torch.float32)
 
