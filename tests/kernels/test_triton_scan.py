@@ -36,7 +36,10 @@ def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_
     q, f = (torch.randn(B, T, H, K, dtype=torch.float64, device=DEVICE) for _ in range(2))
     f = f * gate_scale + gate_shift
     i = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
-    b = torch.rand(H, K, dtype=torch.float64, device=DEVICE) * 0.95
+    # Bounds from 0.01: one near 0 under saturated gates makes d lower_bound a sum of terms of about 1 / b that
+    # cancel, where float32 loses digits whatever computes it ("wide gate range", a b of 5e-4: the PyTorch chunked
+    # form in float32 9.7e-5 from float64, ours 3.6e-4; 4 draws in 400 past 1e-4). No bound is a case of its own.
+    b = 0.01 + torch.rand(H, K, dtype=torch.float64, device=DEVICE) * 0.94
     h0 = torch.randn(N, H, K, V, dtype=torch.float64, device=DEVICE)
     do = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
     d_final = torch.randn(N, H, K, V, dtype=torch.float64, device=DEVICE)
@@ -501,11 +504,13 @@ def test_gpu_float16_with_gates_near_0():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", [(16, 2048, 16, 128), (256, 256, 3, 64)], ids=["record", "ViT-tiny"])
+@pytest.mark.parametrize("shape", [(16, 2048, 16, 128), (2, 16384, 16, 128), (256, 256, 3, 64)],
+                         ids=["record", "record T 16K", "ViT-tiny"])
 def test_gpu_gradients_repeat_bitwise(shape):
     """The same backward twice gives the same bits: the scan has no atomics, so a difference is a race. The grads
     kernel's pipelined tiles had one (`wgmma_refill_races`): at the record shape every one of 39 repeats differed
-    (H100, kernels/HISTORY.md, twentieth session)."""
+    (H100, kernels/HISTORY.md, twentieth session). Its launches differ where the dh walk writes dv (record,
+    ViT-tiny) and where it does not (T 16K, cut into segments)."""
     generator = torch.Generator().manual_seed(0)
     q, f, i = (torch.randn(*shape, generator=generator).cuda().bfloat16().requires_grad_() for _ in range(3))
     b = (torch.rand(shape[2], shape[3], generator=generator) * 0.9).cuda().requires_grad_()
