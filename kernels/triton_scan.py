@@ -87,12 +87,17 @@ def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | 
     - rewriting every chunk state (about 0.35 ms a walk) pays at T 16K, 128 programs: f+b 4.60 -> 4.40 ms (it did
       not before the walks' 128-wide V blocks), and not at T 8K, 256 programs: 3.76 -> 4.24.
     - seeds, nearly free: the 370M LM at T 8K x 4, 128 programs, trains 3% faster cut.
-    Then enough segments for 8 programs per SM (the LM at T 16K: 3% faster than 4). Equal lengths only: packed
-    sequences are walked whole."""
+    Then as many segments as fit 4 such programs per SM: at the record shape's T 16K x 2 that is 4 segments, whose walks
+    take 64 x 128 tiles, 256 programs. Against 8 per SM rounded up (9 segments, 576 programs; the LM at T 16K had
+    trained 3% faster with it than with 4, under triton 3.6 and older kernels), H100, triton 3.8, kernel ms, two
+    rounds (kernels/HISTORY.md, twenty-second session): f+b 4.15-4.17 -> 3.81-3.83 with the chunk states kept,
+    4.38-4.39 -> 4.00 recomputed, the no-grad forward 0.98 -> 0.88; 8 heads (17 -> 8 segments) 2.10 -> 2.00, 2.23 ->
+    2.08, 0.51 -> 0.47; 64-wide heads (33 -> 16) 1.62 -> 1.58, recomputed a tie. 2 and 3 segments lost (4.25, 4.03),
+    6 won less (4.05). Equal lengths only: packed sequences are walked whole."""
     programs = _wide_tile_programs(walks, K, V)
     if programs > _sm_count(device):
         return 1
-    return max(1, min(_cdiv(8 * _sm_count(device), programs), n_chunks // MIN_SEGMENT_CHUNKS))
+    return max(1, min(4 * _sm_count(device) // programs, n_chunks // MIN_SEGMENT_CHUNKS))
 
 
 def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,

@@ -142,14 +142,14 @@ def test_whole_state_walk_tiles(monkeypatch):
 
 def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
     """The sequential kernels cut each walk into segments when the walks alone leave SMs idle, at most one 64 x 64
-    tile program per SM. T 16K x 2 with 8 heads of 128 gives 64 programs on the H100's 132 SMs, so 17 segments
-    (8 programs per SM); 16 heads (the record shape), 128 programs and 9 segments. T 8K x 4 with 16 heads (256
-    programs) and T 2K x 16 are walked whole. Cut walks (here 5 segments of 2 chunks, both directions, initial
+    tile program per SM. T 16K x 2 with 8 heads of 128 gives 64 programs on the H100's 132 SMs, so 8 segments (4
+    programs per SM, rounded down); 16 heads (the record shape), 128 programs and 4 segments. T 8K x 4 with 16 heads
+    (256 programs) and T 2K x 16 are walked whole. Cut walks (here 5 segments of 2 chunks, both directions, initial
     state, final state) match the float64 loop, with the chunk states kept for the backward (the carry pass fixes
     them) or recomputed there (the forward's output kernel adds the seeds, and the recomputation starts from
     them)."""
-    assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 17
-    assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 9
+    assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 8
+    assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 4
     assert triton_scan._segments(n_chunks=256, walks=64, K=128, V=128, device=None) == 1
     assert triton_scan._segments(n_chunks=64, walks=256, K=128, V=128, device=None) == 1
     walks = []
