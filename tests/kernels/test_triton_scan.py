@@ -38,8 +38,8 @@ def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_
     f = f * gate_scale + gate_shift
     i = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
     # Bounds from 0.01 by default: one near 0 under saturated gates makes d lower_bound a sum of terms of about 1 / b
-    # that cancel, where float32 loses digits whatever computes it (test_float32_error_on_tiny_bounds). No bound is
-    # a case of its own.
+    # that cancel, where float32 loses digits whatever computes it; a test of its own holds us to float32's loss
+    # there (test_float32_error_on_tiny_bounds_stays_near_float32s_own). No bound is a case of its own.
     b = bounds[0] + torch.rand(H, K, dtype=torch.float64, device=DEVICE) * (bounds[1] - bounds[0])
     h0 = torch.randn(N, H, K, V, dtype=torch.float64, device=DEVICE)
     do = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
@@ -52,7 +52,7 @@ def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_
     # The oracle is the per-step loop; the chunked form (equal to it in float64, tests/kernels/test_reference.py)
     # stands in for long sequences, where the loop's autograd graph would take minutes.
     oracle = "naive" if T <= 256 else "chunked"
-    for backend, dt, state_dt in ((backend, dtype, torch.float32), (oracle, torch.float64, torch.float64)):
+    for side, dt, state_dt in ((backend, dtype, torch.float32), (oracle, torch.float64, torch.float64)):
         inputs = [x.to(dt).requires_grad_() for x in (q, f, i)] + [x.to(state_dt).requires_grad_() for x in (b, h0)]
         qq, ff, ii = inputs[:3]
         if transpose_inputs:  # non-contiguous views, as slices of a wider projection would be
@@ -60,7 +60,7 @@ def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_
         o, state = hgrn2_scan(qq, ff, ii, inputs[3] if bounded else None, scale=K**-0.5,
                               initial_state=inputs[4] if initial_state else None, output_final_state=True,
                               cu_seqlens=cu_seqlens, reverse=reverse, recompute_states=recompute_states,
-                              backend=backend)
+                              backend=side)
         loss = (o.double() * do).sum() + (state.double() * d_final).sum()
         used = [x for n, x in enumerate(inputs) if (n != 3 or bounded) and (n != 4 or initial_state)]
         results.append([o, state, *torch.autograd.grad(loss, used)])
