@@ -173,6 +173,26 @@ def _anchored_operands(q, k, G, G_mid, OPERAND_DT: tl.constexpr, AXIS: tl.conste
 
 
 @triton.jit
+def _decays(G, G_last, AXIS: tl.constexpr):
+    """exp(G) and exp(G_last - G) of a chunk tile with positions along AXIS: how the state at the chunk's start
+    reaches each position, and how each position reaches the chunk's end."""
+    return _exp(G), _exp(_per_channel(G_last, AXIS) - G)
+
+
+@triton.jit
+def _decays_from_anchor(G, G_mid, G_last, AXIS: tl.constexpr):
+    """`_decays` of a chunk one anchor spans, as its anchored decays exp(G - G_m), exp(G_m - G)
+    (which its operands take anyway: the compiler shares them) times per-channel factors: two special-function
+    operations per element fewer. Exact within the anchor's range (|G - G_m| <= 40): exp(G_last - G_m) >= e^-40, and
+    where exp(G_m) flushes to 0 (G_m below -87) every exp(G) of the chunk is below e^-47, a state term that rounds
+    away beside the chunk's own. The forwards take it (H100, record shape: one-pass forward 0.700 -> 0.683-0.687 ms,
+    no-grad forward 0.673 -> 0.633-0.638); the grads kernel does not: there it tied at the record shape and lost at
+    64-wide heads (ViT-tiny 0.206 -> 0.213, kernels/HISTORY.md, twenty-third session)."""
+    return (_exp(G - _per_channel(G_mid, AXIS)) * _per_channel(_exp(G_mid), AXIS),
+            _exp(_per_channel(G_mid, AXIS) - G) * _per_channel(_exp(G_last - G_mid), AXIS))
+
+
+@triton.jit
 def _pair_sums(a, b, PRECISION: tl.constexpr, AXIS: tl.constexpr):
     """The [C, C] sums over channels of a_t b_s, for tiles with positions along AXIS."""
     if AXIS == 0:
@@ -289,16 +309,19 @@ def _fallback_scores(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
-def _scores_one_launch(q, k, G, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """The intra-chunk scores of a [C, K] chunk (positions along axis 0) where one launch does every chunk: by one
-    anchor, or by halves or elementwise (`_fallback_scores`, halves only: finer levels' code inline spills)."""
+def _chunk_products(q, k, G, G_last, offs_c, valid, C: tl.constexpr, BK: tl.constexpr, OPERAND_DT: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """What a forward takes from a [C, K] chunk (positions along axis 0) where one launch does every chunk: the
+    intra-chunk scores (by one anchor, or by halves or elementwise: `_fallback_scores`, halves only, as finer levels'
+    code inline spills), exp(G) and exp(G_last - G) (`_decays_from_anchor` where anchored)."""
     G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
     if anchored:
         A = _pair_sums(*_anchored_operands(q, k, G, G_mid, OPERAND_DT, 0), PRECISION, 0)
+        to_start, to_end = _decays_from_anchor(G, G_mid, G_last, 0)
     else:
         A = _fallback_scores(q, k, G, offs_c, valid, C, BK, OPERAND_DT, PRECISION, 0, C // 2)[0]
-    return A
+        to_start, to_end = _decays(G, G_last, 0)
+    return A, to_start, to_end
 
 
 @triton.jit

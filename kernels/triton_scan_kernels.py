@@ -35,7 +35,10 @@ from kernels.triton_scan_chunk import (
     _anchored_operands,
     _bound,
     _chunk_gate,
+    _chunk_products,
     _decayed_to_chunk_end,
+    _decays,
+    _decays_from_anchor,
     _exp,
     _fallback_intra_grads,
     _fallback_scores,
@@ -43,7 +46,6 @@ from kernels.triton_scan_chunk import (
     _gate_grad_factors,
     _pair_sums,
     _per_channel,
-    _scores_one_launch,
 )
 
 ONE_LAUNCH = tl.constexpr(0)
@@ -306,21 +308,23 @@ def _fwd_output_kernel(
     state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     DT = q.dtype.element_ty
-    _, k, _, _, G, _ = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b, mask_ck,
-                                   offs_c, C, 0, CUMSUM_BY_MATMUL=False)
+    _, k, _, _, G, G_last = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b,
+                                        mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
     if LAUNCH == FALLBACK_LAUNCH:
         A = _fallback_scores(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION, 0, SMALLEST_BLOCK)[0]
+        to_start = _decays(G, G_last, 0)[0]
     elif LAUNCH == ANCHORED_LAUNCH:
         G_mid, anchored = _anchor(G, offs_c, valid, C, 0)
         _mark_for_the_fallback(flags, i_c, i_h, H, anchored)
         if not anchored:
             return
         A = _pair_sums(*_anchored_operands(q_t, k, G, G_mid, WIDE_DT, 0), PRECISION, 0)
+        to_start = _decays_from_anchor(G, G_mid, G_last, 0)[0]
     else:
-        A = _scores_one_launch(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION)
+        A, to_start, _ = _chunk_products(q_t, k, G, G_last, offs_c, valid, C, BK, WIDE_DT, PRECISION)
     A = tl.where(causal, A * scale, 0.0).to(DT)
-    q_decayed = q_t * _exp(G) * scale
+    q_decayed = q_t * to_start * scale
     q_inter = q_decayed.to(WIDE_DT)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
     if SEEDED:
@@ -371,16 +375,16 @@ def _fwd_fused_kernel(
         _, k, _, _, G, G_last = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b,
                                             mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=True)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
-        A = tl.where(causal, _scores_one_launch(q_t, k, G, offs_c, valid, C, BK, WIDE_DT, PRECISION) * scale,
-                     0.0).to(DT)
+        A, to_start, to_end = _chunk_products(q_t, k, G, G_last, offs_c, valid, C, BK, WIDE_DT, PRECISION)
+        A = tl.where(causal, A * scale, 0.0).to(DT)
         if STORE_SCORES:
             if i_v == 0:
                 tl.store(_scores_tile(scores, state_off - i_n + i_t, i_h, offs_c, H, C), A)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
-        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * _exp(G) * scale).to(WIDE_DT), S.to(WIDE_DT),
-                                                                 input_precision=PRECISION)
+        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * to_start * scale).to(WIDE_DT),
+                                                                 S.to(WIDE_DT), input_precision=PRECISION)
         _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
-        k_end = _decayed_to_chunk_end(k, G, G_last, 0).to(WIDE_DT)
+        k_end = (k * to_end).to(WIDE_DT)
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
         _store_state(states, (state_off + n_chunks) * H + i_h, S, state_tile, mask_kv, K, V)
