@@ -27,15 +27,19 @@ def poisoned_outputs(monkeypatch):
 
 def compare_with_oracle(B=2, T=70, H=2, K=16, V=None, dtype=torch.float32, gate_shift=0.0, gate_scale=1.0,
                         bounded=True, bounds=(0.01, 0.95), initial_state=True, reverse=False, lengths=None,
-                        transpose_inputs=False, recompute_states=False, outputs=False, backend="triton"):
+                        transpose_inputs=False, recompute_states=False, outputs=False, backend="triton",
+                        reset_every=None):
     """Relative errors of o, the final state and every gradient, `backend` in `dtype` against the float64 loop (and,
-    given `outputs`, both sides' values by name). Lower bounds are drawn uniformly from `bounds`."""
+    given `outputs`, both sides' values by name). Lower bounds are drawn uniformly from `bounds`. `reset_every`:
+    forget logits of -100 at every positive multiple of it, a gate that all but erases the state there."""
     V = V or K
     N = len(lengths) if lengths else B
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE) if lengths else None
     # Fresh random inputs each call: the kernel must be right on any input, not on one draw.
     q, f = (torch.randn(B, T, H, K, dtype=torch.float64, device=DEVICE) for _ in range(2))
     f = f * gate_scale + gate_shift
+    if reset_every:
+        f[:, reset_every::reset_every] = -100.0
     i = torch.randn(B, T, H, V, dtype=torch.float64, device=DEVICE)
     # Bounds from 0.01 by default: one near 0 under saturated gates makes d lower_bound a sum of terms of about 1 / b
     # that cancel, where float32 loses digits whatever computes it; a test of its own holds us to float32's loss
@@ -90,6 +94,9 @@ INTERPRETER_CASES = {
     "gates at exp(-3), by halves": dict(T=100, H=1, gate_shift=-3.0, gate_scale=0.1, bounded=False),
     # about -6 a step: 48 over the 8 steps from a half's middle to its end, 24 within a quarter
     "gates at exp(-6), by quarters": dict(T=100, H=1, gate_shift=-6.0, gate_scale=0.1, bounded=False),
+    # A chunk of 32 then starts about -87 down (lambda held at float32's smallest normal) and one anchor spans it:
+    # its cumulative gate at the anchor is below -87, whose exponential flushes to 0 on the GPU (`_decays_from_anchor`)
+    "a reset at each chunk's start": dict(T=100, H=1, bounded=False, reset_every=32),
     "packed sequences": dict(B=1, T=200, H=1, lengths=[5, 1, 64, 65, 65]),
     "packed sequences reverse": dict(B=1, T=140, H=1, lengths=[70, 3, 67], reverse=True),
     "head dim 1": dict(T=70, H=3, K=1),  # this and the next five: the small-head kernels
@@ -489,6 +496,7 @@ GPU_CASES = {
     "head dims 1, 2, 4, 8": dict(T=500, K=4, H=4),
     "gates near 0": dict(T=500, gate_shift=-20.0, bounded=False),
     "gates near 1": dict(T=500, gate_shift=8.0),
+    "a reset at each chunk's start": dict(T=500, bounded=False, reset_every=32),
     "gates at exp(-3), by halves": dict(T=500, gate_shift=-3.0, gate_scale=0.1, bounded=False),
     "gates at exp(-6), by quarters": dict(T=500, gate_shift=-6.0, gate_scale=0.1, bounded=False),
     "no initial state": dict(T=500, initial_state=False),
