@@ -364,11 +364,14 @@ def _fwd_fused_kernel(
     offs_c = tl.arange(0, C)
     causal = offs_c[:, None] >= offs_c[None, :]
     DT = q.dtype.element_ty
-    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
+    # The state is held transposed, [BV, BK]: the output's product then takes it as the tensor cores' left operand
+    # straight from registers (o^T = S^T (q exp(G))^T), with M = BV rows, instead of staging it in shared memory.
+    tile_T, mask_T = tl.trans(state_tile), tl.trans(mask_kv)
+    S_T = tl.trans(_initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0))
     n_chunks = tl.cdiv(length, C)
     for i_t in range(0, n_chunks):
         if STORE_STATES:
-            _store_state(states, (state_off + i_t) * H + i_h, S, state_tile, mask_kv, K, V)
+            _store_state(states, (state_off + i_t) * H + i_h, S_T, tile_T, mask_T, K, V)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
@@ -380,16 +383,16 @@ def _fwd_fused_kernel(
         if STORE_SCORES:
             if i_v == 0:
                 tl.store(_scores_tile(scores, state_off - i_n + i_t, i_h, offs_c, H, C), A)
-        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
-        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * to_start * scale).to(WIDE_DT),
-                                                                 S.to(WIDE_DT), input_precision=PRECISION)
-        _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
+        v_T = tl.trans(_load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT))
+        out_T = tl.dot(v_T, tl.trans(A), input_precision=PRECISION) + tl.dot(
+            S_T.to(WIDE_DT), tl.trans((q_t * to_start * scale).to(WIDE_DT)), input_precision=PRECISION)
+        _store_rows(o, rows, i_h, offs_v, H, V, tl.trans(out_T), mask_cv)
         k_end = (k * to_end).to(WIDE_DT)
-        S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
+        S_T = S_T * _exp(G_last)[None, :] + tl.dot(v_T.to(WIDE_DT), k_end, input_precision=PRECISION)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
-        _store_state(states, (state_off + n_chunks) * H + i_h, S, state_tile, mask_kv, K, V)
+        _store_state(states, (state_off + n_chunks) * H + i_h, S_T, tile_T, mask_T, K, V)
     if OUTPUT_FINAL:
-        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + tile_T, S_T, mask=mask_T)
 
 
 @triton.jit
@@ -413,14 +416,16 @@ def _bwd_dh_kernel(
     length = eos - bos
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
     offs_c = tl.arange(0, C)
-    dS = tl.where(i_seg == n_segments - 1, _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL),
-                  0.0)
+    # Held transposed, [BV, BK], as the one-pass forward holds its state: dv's product takes it from registers.
+    tile_T, mask_T = tl.trans(state_tile), tl.trans(mask_kv)
+    dS_T = tl.trans(tl.where(i_seg == n_segments - 1,
+                             _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL), 0.0))
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
     n_chunks = tl.cdiv(length, C)
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for j in range(0, last - first):
         i_t = last - 1 - j
-        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS, D, state_tile, mask_kv, offs_k,
+        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS_T, D, tile_T, mask_T, offs_k,
                          mask_k, i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
@@ -433,21 +438,21 @@ def _bwd_dh_kernel(
             tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
         _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
         mask_cv = valid[:, None] & mask_v[None, :]
-        do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv)
+        do_T = tl.trans(_load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv))
         if WRITE_DV:
             A = tl.load(_scores_tile(scores, chunk_off + i_t, i_h, offs_c, H, C))
             k_end = _decayed_to_chunk_end(k, G, G_last, 0).to(WIDE_DT)
-            dv_t = tl.dot(tl.trans(A), do_t.to(A.dtype), input_precision=PRECISION) + tl.dot(
-                k_end, dS.to(WIDE_DT), input_precision=PRECISION)
-            _store_rows(dv, rows, i_h, offs_v, H, V, dv_t, mask_cv)
+            dv_T = tl.dot(do_T.to(A.dtype), A, input_precision=PRECISION) + tl.dot(
+                dS_T.to(WIDE_DT), tl.trans(k_end), input_precision=PRECISION)
+            _store_rows(dv, rows, i_h, offs_v, H, V, tl.trans(dv_T), mask_cv)
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
-        dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
+        dS_T = dS_T * _exp(G_last)[None, :] + tl.dot(do_T.to(WIDE_DT), q_inter, input_precision=PRECISION)
         D += G_last
     if SEGMENTED:
-        _store_segment_end(dS, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
-                           state_tile, mask_kv, K, V)
+        _store_segment_end(dS_T, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
+                           tile_T, mask_T, K, V)
     elif WRITE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + tile_T, dS_T, mask=mask_T)
 
 
 @triton.jit
