@@ -333,15 +333,21 @@ def _fwd_output_kernel(
         seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
-        # Transposed products, o^T = v^T A^T + h^T (q exp(G))^T: M = BV rows for the tensor cores, not C.
-        v_T = tl.trans(_load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT))
-        h_T = tl.trans(tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT))
-        out_T = tl.dot(v_T, tl.trans(A), input_precision=PRECISION) + tl.dot(h_T, tl.trans(q_inter),
-                                                                            input_precision=PRECISION)
+        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
+        h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
         if SEEDED:
-            seed_T = tl.trans(tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT))
-            out_T += tl.dot(seed_T, tl.trans(q_seed), input_precision=PRECISION)
-        _store_rows(o, rows, i_h, offs_v, H, V, tl.trans(out_T), mask_cv)
+            seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        if WIDE_DT == tl.float32:  # tf32 products: transposed operands would pass the shared memory (fp16 at C 64)
+            out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
+            if SEEDED:
+                out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
+        else:  # o^T = v^T A^T + h^T (q exp(G))^T: M = BV rows for the tensor cores' wgmma, not C
+            out_T = tl.dot(tl.trans(v_t), tl.trans(A), input_precision=PRECISION) + tl.dot(
+                tl.trans(h_start), tl.trans(q_inter), input_precision=PRECISION)
+            if SEEDED:
+                out_T += tl.dot(tl.trans(seed_tile), tl.trans(q_seed), input_precision=PRECISION)
+            out = tl.trans(out_T)
+        _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
 
 
 @triton.jit
