@@ -374,12 +374,12 @@ def _fwd_fused_kernel(
     DT = q.dtype.element_ty
     # The state is held transposed, [BV, BK]: the output's product then takes it as the tensor cores' left operand
     # straight from registers (o^T = S^T (q exp(G))^T), with M = BV rows, instead of staging it in shared memory.
-    tile_T, mask_T = tl.trans(state_tile), tl.trans(mask_kv)
+    # It is stored transposed back (sm_90a spills 152 bytes a thread, against 264 with transposed offsets).
     S_T = tl.trans(_initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0))
     n_chunks = tl.cdiv(length, C)
     for i_t in range(0, n_chunks):
         if STORE_STATES:
-            _store_state(states, (state_off + i_t) * H + i_h, S_T, tile_T, mask_T, K, V)
+            _store_state(states, (state_off + i_t) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
@@ -398,9 +398,9 @@ def _fwd_fused_kernel(
         k_end = (k * to_end).to(WIDE_DT)
         S_T = S_T * _exp(G_last)[None, :] + tl.dot(v_T.to(WIDE_DT), k_end, input_precision=PRECISION)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
-        _store_state(states, (state_off + n_chunks) * H + i_h, S_T, tile_T, mask_T, K, V)
+        _store_state(states, (state_off + n_chunks) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
     if OUTPUT_FINAL:
-        tl.store(final_state + i_nh.to(tl.int64) * K * V + tile_T, S_T, mask=mask_T)
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, tl.trans(S_T), mask=mask_kv)
 
 
 @triton.jit
@@ -425,7 +425,7 @@ def _bwd_dh_kernel(
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
     offs_c = tl.arange(0, C)
     # Held transposed, [BV, BK], as the one-pass forward holds its state: dv's product takes it from registers.
-    tile_T, mask_T = tl.trans(state_tile), tl.trans(mask_kv)
+    tile_T, mask_T = offs_v[:, None] + offs_k[None, :] * V, mask_v[:, None] & mask_k[None, :]
     dS_T = tl.trans(tl.where(i_seg == n_segments - 1,
                              _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL), 0.0))
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
