@@ -335,16 +335,21 @@ def _fwd_output_kernel(
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
-        if SEEDED:
-            seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
-        if WIDE_DT == tl.float32:  # tf32 products: transposed operands would pass the shared memory (fp16 at C 64)
+        # Transposed only for 16-bit states at C 32. tf32 products' transposed operands pass the 227 KiB of shared
+        # memory (fp16 inputs at C 64). At the no-grad forward's C 64 (record shape, H100) they lost at T 8K (0.93 ->
+        # 0.98 ms) and tied at T 16K. The seed tile is loaded in each branch: loaded before it, the pipelining's
+        # buffers grew from 80 KiB of shared memory at C 64 to 112 (120 transposed: one program per SM, T 16K 0.87 ->
+        # 1.15 ms).
+        if WIDE_DT == tl.float32 or C > 32:
             out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
             if SEEDED:
+                seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
                 out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
         else:  # o^T = v^T A^T + h^T (q exp(G))^T: M = BV rows for the tensor cores' wgmma, not C
             out_T = tl.dot(tl.trans(v_t), tl.trans(A), input_precision=PRECISION) + tl.dot(
                 tl.trans(h_start), tl.trans(q_inter), input_precision=PRECISION)
             if SEEDED:
+                seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
                 out_T += tl.dot(tl.trans(seed_tile), tl.trans(q_seed), input_precision=PRECISION)
             out = tl.trans(out_T)
         _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
