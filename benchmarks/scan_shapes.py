@@ -22,6 +22,7 @@ SHAPES = {  # name: (B, T, H, K = V, packed)
     "record-t16k": (2, 16384, 16, 128, False),
     "record-t1000": (32, 1000, 16, 128, False),
     "record-t4k": (8, 4096, 16, 128, False),
+    "record-t8k": (4, 8192, 16, 128, False),
     "record-packed": (16, 2048, 16, 128, True),
     "heads64": (16, 2048, 16, 64, False),
     "vit-tiny": (256, 256, 3, 64, False),

@@ -335,10 +335,23 @@ def _fwd_output_kernel(
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
         h_start = tl.load(state_at_start + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
-        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
-        if SEEDED:
-            seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
-            out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
+        # Transposed only for 16-bit states at C 32. tf32 products' transposed operands pass the 227 KiB of shared
+        # memory (fp16 inputs at C 64). At the no-grad forward's C 64 (record shape, H100) they lost at T 8K (0.93 ->
+        # 0.98 ms) and tied at T 16K. The seed tile is loaded in each branch: loaded before it, the pipelining's
+        # buffers grew from 80 KiB of shared memory at C 64 to 112 (120 transposed: one program per SM, T 16K 0.87 ->
+        # 1.15 ms).
+        if WIDE_DT == tl.float32 or C > 32:
+            out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot(q_inter, h_start, input_precision=PRECISION)
+            if SEEDED:
+                seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+                out += tl.dot(q_seed, seed_tile, input_precision=PRECISION)
+        else:  # o^T = v^T A^T + h^T (q exp(G))^T: M = BV rows for the tensor cores' wgmma, not C
+            out_T = tl.dot(tl.trans(v_t), tl.trans(A), input_precision=PRECISION) + tl.dot(
+                tl.trans(h_start), tl.trans(q_inter), input_precision=PRECISION)
+            if SEEDED:
+                seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+                out_T += tl.dot(tl.trans(seed_tile), tl.trans(q_seed), input_precision=PRECISION)
+            out = tl.trans(out_T)
         _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
 
 
@@ -364,11 +377,14 @@ def _fwd_fused_kernel(
     offs_c = tl.arange(0, C)
     causal = offs_c[:, None] >= offs_c[None, :]
     DT = q.dtype.element_ty
-    S = _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0)
+    # The state is held transposed, [BV, BK]: the output's product then takes it as the tensor cores' left operand
+    # straight from registers (o^T = S^T (q exp(G))^T), with M = BV rows, instead of staging it in shared memory.
+    # It is stored transposed back (sm_90a spills 152 bytes a thread, against 264 with transposed offsets).
+    S_T = tl.trans(_initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0))
     n_chunks = tl.cdiv(length, C)
     for i_t in range(0, n_chunks):
         if STORE_STATES:
-            _store_state(states, (state_off + i_t) * H + i_h, S, state_tile, mask_kv, K, V)
+            _store_state(states, (state_off + i_t) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         mask_cv = valid[:, None] & mask_v[None, :]
@@ -380,16 +396,16 @@ def _fwd_fused_kernel(
         if STORE_SCORES:
             if i_v == 0:
                 tl.store(_scores_tile(scores, state_off - i_n + i_t, i_h, offs_c, H, C), A)
-        v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
-        out = tl.dot(A, v_t, input_precision=PRECISION) + tl.dot((q_t * to_start * scale).to(WIDE_DT),
-                                                                 S.to(WIDE_DT), input_precision=PRECISION)
-        _store_rows(o, rows, i_h, offs_v, H, V, out, mask_cv)
+        v_T = tl.trans(_load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT))
+        out_T = tl.dot(v_T, tl.trans(A), input_precision=PRECISION) + tl.dot(
+            S_T.to(WIDE_DT), tl.trans((q_t * to_start * scale).to(WIDE_DT)), input_precision=PRECISION)
+        _store_rows(o, rows, i_h, offs_v, H, V, tl.trans(out_T), mask_cv)
         k_end = (k * to_end).to(WIDE_DT)
-        S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
+        S_T = S_T * _exp(G_last)[None, :] + tl.dot(v_T.to(WIDE_DT), k_end, input_precision=PRECISION)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
-        _store_state(states, (state_off + n_chunks) * H + i_h, S, state_tile, mask_kv, K, V)
+        _store_state(states, (state_off + n_chunks) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
     if OUTPUT_FINAL:
-        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, S, mask=mask_kv)
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, tl.trans(S_T), mask=mask_kv)
 
 
 @triton.jit
@@ -413,14 +429,16 @@ def _bwd_dh_kernel(
     length = eos - bos
     chunk_off = state_off - i_n  # a sequence has one chunk fewer than chunk states
     offs_c = tl.arange(0, C)
-    dS = tl.where(i_seg == n_segments - 1, _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL),
-                  0.0)
+    # Held transposed, [BV, BK], as the one-pass forward holds its state: dv's product takes it from registers.
+    tile_T, mask_T = offs_v[:, None] + offs_k[None, :] * V, mask_v[:, None] & mask_k[None, :]
+    dS_T = tl.trans(tl.where(i_seg == n_segments - 1,
+                             _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL), 0.0))
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
     n_chunks = tl.cdiv(length, C)
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for j in range(0, last - first):
         i_t = last - 1 - j
-        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS, D, state_tile, mask_kv, offs_k,
+        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS_T, D, tile_T, mask_T, offs_k,
                          mask_k, i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
@@ -433,21 +451,21 @@ def _bwd_dh_kernel(
             tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
         _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
         mask_cv = valid[:, None] & mask_v[None, :]
-        do_t = _load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv)
+        do_T = tl.trans(_load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv))
         if WRITE_DV:
             A = tl.load(_scores_tile(scores, chunk_off + i_t, i_h, offs_c, H, C))
             k_end = _decayed_to_chunk_end(k, G, G_last, 0).to(WIDE_DT)
-            dv_t = tl.dot(tl.trans(A), do_t.to(A.dtype), input_precision=PRECISION) + tl.dot(
-                k_end, dS.to(WIDE_DT), input_precision=PRECISION)
-            _store_rows(dv, rows, i_h, offs_v, H, V, dv_t, mask_cv)
+            dv_T = tl.dot(do_T.to(A.dtype), A, input_precision=PRECISION) + tl.dot(
+                dS_T.to(WIDE_DT), tl.trans(k_end), input_precision=PRECISION)
+            _store_rows(dv, rows, i_h, offs_v, H, V, tl.trans(dv_T), mask_cv)
         q_inter = (q_t.to(tl.float32) * _exp(G) * scale).to(WIDE_DT)
-        dS = dS * _exp(G_last)[:, None] + tl.dot(tl.trans(q_inter), do_t.to(WIDE_DT), input_precision=PRECISION)
+        dS_T = dS_T * _exp(G_last)[None, :] + tl.dot(do_T.to(WIDE_DT), q_inter, input_precision=PRECISION)
         D += G_last
     if SEGMENTED:
-        _store_segment_end(dS, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
-                           state_tile, mask_kv, K, V)
+        _store_segment_end(dS_T, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
+                           tile_T, mask_T, K, V)
     elif WRITE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + state_tile, dS, mask=mask_kv)
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + tile_T, dS_T, mask=mask_T)
 
 
 @triton.jit
@@ -615,8 +633,12 @@ def _bwd_kernel(
         if LAUNCH == ANCHORED_LAUNCH:
             G_mid, _ = _anchor(G, offs_c, valid, C, 1)
             q_mid, k_mid = _anchored_operands(q_t, k, G, G_mid, ANCHORED_DT, 1)
-    dq_t = dq_inter * _exp(G) * scale
-    dk_state = _decayed_to_chunk_end(dk_state, G, G_last, 1)
+    if LAUNCH == ANCHORED_LAUNCH and WRITE_DV:  # where it gained (T 16K 1.80 -> 1.75 ms; ViT-tiny lost 0.206 -> 0.213)
+        to_start, to_end = _decays_from_anchor(G, G_mid, G_last, 1)
+    else:
+        to_start, to_end = _decays(G, G_last, 1)
+    dq_t = dq_inter * to_start * scale
+    dk_state *= to_end
     if LAUNCH == ANCHORED_LAUNCH:
         dq_t += _exp(G - G_mid[:, None]) * tl.dot(k_mid, tl.trans(dA.to(ANCHORED_DT)), input_precision=PRECISION)
         dk_intra = _exp(G_mid[:, None] - G) * tl.dot(q_mid, dA.to(ANCHORED_DT), input_precision=PRECISION)
