@@ -365,11 +365,11 @@ def _fwd_fused_kernel(
     WIDE_DT: tl.constexpr,
 ):
     """The forward in one pass: one program per (sequence, head, V block) walks the sequence's chunks in order
-    holding its [K, BV] state tile in float32 registers, and for each chunk writes the outputs from it (the output
-    kernel's products) before advancing it (the states kernel's). No chunk state is read back from memory, and
-    none is written unless STORE_STATES (for the backward, as the states kernel stores them). Each V block
-    computes the chunk's gate and intra-chunk scores again; with STORE_SCORES the first keeps the scores for the dh
-    walk's dv (`_bwd_dh_kernel`)."""
+    holding its state tile in float32 registers (transposed, [BV, K]), and for each chunk writes the outputs from it
+    (the output kernel's products) before advancing it (the states kernel's). No chunk state is read back from
+    memory, and none is written unless STORE_STATES (for the backward, as the states kernel stores them). Each V
+    block computes the chunk's gate and intra-chunk scores again; with STORE_SCORES the first keeps the scores for
+    the dh walk's dv (`_bwd_dh_kernel`)."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, 1, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
