@@ -2,8 +2,9 @@
 
 At the record shape (H 16, K = V = 128, bf16, 32768 tokens) for each length of --lengths, every candidate
 of CANDIDATES replaces one kernel's launch (`TILE_OVERRIDES`), and that kernel's own GPU time per call is
-read from torch.profiler over forward + backward. The sequential kernels' parallelism depends on B (T 16K
-leaves B = 2), the chunk-parallel ones' does not: the best launch is reported per length. Each candidate's
+read from torch.profiler over forward + backward (or a forward without grad). The sequential kernels'
+parallelism depends on B (T 16K leaves B = 2), the chunk-parallel ones' does not: the best launch is reported
+per length. Each candidate's
 outputs and gradients are compared with the default launch's: a tiling changes only the order of float sums,
 so they must agree to bf16 rounding.
 A candidate that does not fit the GPU (registers, shared memory) is recorded as such.
@@ -12,6 +13,9 @@ A candidate that does not fit the GPU (registers, shared memory) is recorded as 
     python benchmarks/scan_sweep.py --tokens 65536 --lengths 256 --heads 3 --head-dim 64 --kernels output grads
                                     # the ViT-tiny's scans (B 256, T 256, three 64-wide heads); with
                                     # --kernels fused, their one-pass forward
+    python benchmarks/scan_sweep.py --no-grad --kernels states output
+                                    # the forward without grad, at its own chunk (`_forward_chunk`: 64 for the
+                                    # two-pass bf16 forward of 128-wide heads) and launches
     python benchmarks/scan_sweep.py --smoke     CPU interpreter, tiny shape, two launches per kernel
 """
 
@@ -33,6 +37,7 @@ from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a packag
 
 KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "dh": "_bwd_dh_kernel",
                 "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel"}
+FORWARD_KERNELS = {"states", "output", "fused"}
 
 
 def _grid(**axes) -> list[dict]:
@@ -55,6 +60,9 @@ CANDIDATES = {
     + _grid(BV=[128], num_warps=[4], num_stages=[3], maxnreg=[128, 168]),
     "grads": _grid(BV=[64], num_warps=[8], num_stages=[1], OWN_MMA_LOADS=[False], HOLD_GATE=[True, False])
     + _grid(BV=[64], num_warps=[8], num_stages=[2, 3], OWN_MMA_LOADS=[True], HOLD_GATE=[True, False]),
+    # The one-pass forward of 128-wide heads holds the whole state in one 8-warp program's registers (255 of them at
+    # BV 64 too, sm_90a); 3 stages compile without spills.
+    "fused": _grid(BV=[64, 128], num_warps=[8], num_stages=[2, 3]),
 }
 SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
     **CANDIDATES,
@@ -78,6 +86,19 @@ def training_step(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: st
     def step() -> list[torch.Tensor]:
         o, _ = hgrn2_scan(q, f, i, b, backend="triton")
         return [o.detach(), *torch.autograd.grad(o, (q, f, i, b), do)]
+
+    return step
+
+
+def forward_step(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: str):
+    """The scan's forward without grad on fixed random inputs; returns the output."""
+    torch.manual_seed(0)
+    q, f, i = (torch.randn(B, T, H, K, device=device, dtype=dtype) for _ in range(3))
+    b = torch.rand(H, K, device=device) * 0.5 + 0.25
+
+    def step() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [hgrn2_scan(q, f, i, b, backend="triton")[0]]
 
     return step
 
@@ -117,11 +138,16 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=triton_scan.CHUNK, help="the kernels' chunk length C")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(SMALL_HEAD_CANDIDATES),
-                        help="fused: the one-pass forward, at heads of at most 64 with many walks only")
+    parser.add_argument("--kernels", nargs="+", default=["states", "output", "dh", "grads"],
+                        choices=list(SMALL_HEAD_CANDIDATES),
+                        help="fused: the one-pass forward, where `_fused_forward` picks it (bf16, many walks)")
+    parser.add_argument("--no-grad", action="store_true",
+                        help="time the forward without grad (states, output, fused) instead of forward + backward")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, two launches per kernel")
     args = parser.parse_args()
+    if args.no_grad and not set(args.kernels) <= FORWARD_KERNELS:
+        parser.error(f"--no-grad times the forward's kernels only: pass --kernels from {sorted(FORWARD_KERNELS)}")
     device = "cpu" if args.smoke else "cuda"
     triton_scan.CHUNK = args.chunk
     lengths = [40] if args.smoke else args.lengths
@@ -129,6 +155,7 @@ def main() -> None:
     result = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "date": date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__,
               "shape": {"tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim, "chunk": args.chunk},
+              "no_grad": args.no_grad,
               "kernels": {}}
     for kernel in args.kernels:
         result["kernels"][kernel] = {"default": {}, "rows": {}, "best": {}}
@@ -136,17 +163,18 @@ def main() -> None:
             B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, args.heads, args.head_dim)
             # The default launch is timed first: the one to beat. The sequential kernels' depends on how many walks
             # there are, counting the segments that few long walks are cut into.
-            segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, args.chunk), B * H, K, K, False,
+            chunk = (triton_scan._forward_chunk(B, H, K, K, dtype, None, torch.device(device), backward=False)
+                     if args.no_grad else args.chunk)
+            segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, chunk), B * H, K, K, False,
                                                       torch.device(device))
-            dv_in_walk = triton_scan._scores_kept(B, T, H, K, K, dtype, None, torch.device(device))
-            default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device),
+            dv_in_walk = not args.no_grad and triton_scan._scores_kept(B, T, H, K, K, dtype, None,
+                                                                       torch.device(device))
+            default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device), chunk=chunk,
                                          dv_in_walk=dv_in_walk)
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
-            if kernel not in pool:
-                raise SystemExit(f"the {kernel} kernel runs for heads of at most 64 only: pass --head-dim 64")
             candidates = [default] + [c for c in pool[kernel] if {**default, **c} != default]
             candidates = candidates[:2] if args.smoke else candidates
-            step = training_step(B, T, H, K, dtype, device)
+            step = (forward_step if args.no_grad else training_step)(B, T, H, K, dtype, device)
             rows = sweep(kernel, candidates, step, timed=not args.smoke)
             summary = result["kernels"][kernel]
             summary["default"][T], summary["rows"][T], summary["best"][T] = default, rows, best(rows)
@@ -156,6 +184,7 @@ def main() -> None:
         name = "cpu" if args.smoke else result["device"].replace("NVIDIA ", "").split()[0].lower()
         shape = "" if (args.heads, args.head_dim) == (16, 128) else f"-H{args.heads}-K{args.head_dim}"
         shape += "" if args.chunk == 32 else f"-C{args.chunk}"
+        shape += "-no-grad" if args.no_grad else ""
         (out / f"scan-sweep-{name}{shape}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

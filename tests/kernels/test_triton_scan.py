@@ -573,11 +573,14 @@ def test_tile_sweep_runs_its_cpu_smoke_path(tmp_path):
     """benchmarks/scan_sweep.py, which picks the kernels' tile sizes on a GPU: every kernel's launch can be
     overridden, and an override changes only the order of the sums."""
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "benchmarks/scan_sweep.py", "--smoke", "--out", str(tmp_path)], cwd=root,
-                            capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    kernels = json.loads((tmp_path / "scan-sweep-cpu.json").read_text())["kernels"]
-    assert set(kernels) == {"states", "output", "dh", "grads"}
-    for kernel in kernels.values():
-        (rows,) = kernel["rows"].values()
-        assert all(row["max_rel_diff"] < 1e-5 for row in rows), rows
+    for mode, name, swept in (([], "scan-sweep-cpu.json", {"states", "output", "dh", "grads"}),
+                              (["--no-grad", "--kernels", "states", "output"], "scan-sweep-cpu-no-grad.json",
+                               {"states", "output"})):
+        result = subprocess.run([sys.executable, "benchmarks/scan_sweep.py", "--smoke", *mode, "--out", str(tmp_path)],
+                                cwd=root, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        kernels = json.loads((tmp_path / name).read_text())["kernels"]
+        assert set(kernels) == swept
+        for kernel in kernels.values():
+            (rows,) = kernel["rows"].values()
+            assert len(rows) == 2 and all(row["max_rel_diff"] < 1e-5 for row in rows), rows
