@@ -379,7 +379,7 @@ def _fwd_fused_kernel(
     DT = q.dtype.element_ty
     # The state is held transposed, [BV, BK]: the output's product then takes it as the tensor cores' left operand
     # straight from registers (o^T = S^T (q exp(G))^T), with M = BV rows, instead of staging it in shared memory.
-    # It is stored transposed back (sm_90a spills 152 bytes a thread, against 264 with transposed offsets).
+    # It is stored transposed back (sm_90a spills 148 bytes a thread, against 192-264 with transposed offsets).
     S_T = tl.trans(_initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0))
     n_chunks = tl.cdiv(length, C)
     for i_t in range(0, n_chunks):
