@@ -4,9 +4,8 @@ At the record shape (H 16, K = V = 128, bf16, 32768 tokens) for each length of -
 of CANDIDATES replaces one kernel's launch (`TILE_OVERRIDES`), and that kernel's own GPU time per call is
 read from torch.profiler over forward + backward (or a forward without grad). The sequential kernels'
 parallelism depends on B (T 16K leaves B = 2), the chunk-parallel ones' does not: the best launch is reported
-per length. Each candidate's
-outputs and gradients are compared with the default launch's: a tiling changes only the order of float sums,
-so they must agree to bf16 rounding.
+per length. Each candidate's outputs and gradients are compared with the default launch's: a tiling changes
+only the order of float sums, so they must agree to bf16 rounding.
 A candidate that does not fit the GPU (registers, shared memory) is recorded as such.
 
     python benchmarks/scan_sweep.py [--lengths 2048 16384] [--out benchmarks/results]

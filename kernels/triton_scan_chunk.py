@@ -186,8 +186,9 @@ def _decays_from_anchor(G, G_mid, G_last, AXIS: tl.constexpr):
     operations per element fewer. Exact within the anchor's range (|G - G_m| <= 40): exp(G_last - G_m) >= e^-40, and
     where exp(G_m) flushes to 0 (G_m below -87) every exp(G) of the chunk is below e^-47, a state term that rounds
     away beside the chunk's own. The forwards take it (H100, record shape: one-pass forward 0.700 -> 0.683-0.687 ms,
-    no-grad forward 0.673 -> 0.633-0.638); the grads kernel does not: there it tied at the record shape and lost at
-    64-wide heads (ViT-tiny 0.206 -> 0.213, kernels/HISTORY.md, twenty-third session)."""
+    no-grad forward 0.673 -> 0.633-0.638); the grads kernel only in its launches that write dv (T 16K 1.80 -> 1.75):
+    elsewhere it tied at the record shape and lost at 64-wide heads (ViT-tiny 0.206 -> 0.213, kernels/HISTORY.md,
+    twenty-third session)."""
     return (_exp(G - _per_channel(G_mid, AXIS)) * _per_channel(_exp(G_mid), AXIS),
             _exp(_per_channel(G_mid, AXIS) - G) * _per_channel(_exp(G_last - G_mid), AXIS))
 
