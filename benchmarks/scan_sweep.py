@@ -157,7 +157,7 @@ def main() -> None:
               "no_grad": args.no_grad,
               "kernels": {}}
     for kernel in args.kernels:
-        result["kernels"][kernel] = {"default": {}, "rows": {}, "best": {}}
+        result["kernels"][kernel] = {"chunk": {}, "default": {}, "rows": {}, "best": {}}
         for T in lengths:
             B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, args.heads, args.head_dim)
             # The default launch is timed first: the one to beat. The sequential kernels' depends on how many walks
@@ -169,14 +169,15 @@ def main() -> None:
             dv_in_walk = not args.no_grad and triton_scan._scores_kept(B, T, H, K, K, dtype, None,
                                                                        torch.device(device))
             default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device), chunk=chunk,
-                                         dv_in_walk=dv_in_walk)
+                                         dv_in_walk=dv_in_walk, seeded=args.no_grad and segments > 1)
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
             candidates = [default] + [c for c in pool[kernel] if {**default, **c} != default]
             candidates = candidates[:2] if args.smoke else candidates
             step = (forward_step if args.no_grad else training_step)(B, T, H, K, dtype, device)
             rows = sweep(kernel, candidates, step, timed=not args.smoke)
             summary = result["kernels"][kernel]
-            summary["default"][T], summary["rows"][T], summary["best"][T] = default, rows, best(rows)
+            summary["chunk"][T], summary["default"][T], summary["rows"][T] = chunk, default, rows
+            summary["best"][T] = best(rows)
             print(kernel, T, "default", default, "best", summary["best"][T], flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

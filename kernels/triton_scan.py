@@ -236,11 +236,12 @@ TILE_OVERRIDES: dict[str, dict] = {}
 
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
-           chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False) -> dict:
+           chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False, seeded: bool = False) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
     input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`;
-    the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
+    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`,
+    the output kernel also on whether it adds the seeds of cut walks (`seeded`); the dh walk and the grads kernel
+    on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
     Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
@@ -263,7 +264,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
       168 registers at chunk 32 for three programs per SM (0.516 -> 0.471 ms at the record shape with triton 3.8,
-      0.554 -> 0.519 with 3.6; at chunk 64 it spills and the no-grad forward doubles). The grads
+      0.554 -> 0.519 with 3.6; at chunk 64 it spills and the no-grad forward doubles). At chunk 64 (the no-grad
+      forward) a 64-wide V block, unless it adds seeds (H100, triton 3.8, twenty-fifth session, per call: T 8K
+      0.54 -> 0.47 ms; seeded at T 16K it lost, 0.58 -> 0.81). The grads
       kernel of 64-wide heads takes a 32-wide V block since its q and gate copies are chunk-major (the ViT's
       shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
@@ -286,7 +289,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     elif kernel in ("states", "dh"):
         tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=2)
     elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
-        tiles = dict(BK=BK, BV=min(128, _block(V)), num_warps=4, num_stages=3)
+        tiles = dict(BK=BK, BV=min(128 if chunk == CHUNK or seeded else 64, _block(V)), num_warps=4, num_stages=3)
         if chunk == CHUNK:
             tiles["maxnreg"] = 168
     elif kernel == "output":
@@ -497,12 +500,13 @@ def scan_fwd(
         # grads kernel's (`_fallback_flags`); at 32 one, where a second launch would cost more than it saves.
         launches = (ONE_LAUNCH,) if chunk == CHUNK else (ANCHORED_LAUNCH, FALLBACK_LAUNCH)
         flags = _fallback_flags(layout, H, q.device) if len(launches) > 1 else dummy
+        seeded = walks.segmented and walks.carries_seeds
         for launch in launches:
             _fwd_output_kernel[(layout.n_chunks, H)](
                 q, f, v, bound, states, o, walks.chunk_decays, seeds, flags, layout.cu_seqlens, layout.state_offsets,
                 layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
-                walks.segment_chunks, SEEDED=walks.segmented and walks.carries_seeds, LAUNCH=launch,
-                **_tiles("output", K, V, q.dtype, chunk=chunk), **common,
+                walks.segment_chunks, SEEDED=seeded, LAUNCH=launch,
+                **_tiles("output", K, V, q.dtype, chunk=chunk, seeded=seeded), **common,
             )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)

@@ -143,14 +143,16 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
     return run
 
 
-def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2):
-    """A forward no backward follows: its own chunk (`_forward_chunk`; with 64, the output kernel's two launches)."""
+def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_seqlens: torch.Tensor | None = None):
+    """A forward no backward follows: its own chunk (`_forward_chunk`; with 64, the output kernel's two launches,
+    which add the seeds of cut walks, or none where the walks are whole: packed)."""
     from kernels.triton_scan import _forward_chunk, scan_fwd
 
     def run():
         q, f, v = (torch.zeros(B, 200, H, K, dtype=dtype) for _ in range(3))
-        scan_fwd(q, f, v, torch.zeros(H, K), torch.zeros(B, H, K, K), None, 1.0, False, False, True,
-                 _forward_chunk(B, H, K, K, dtype, None, None, backward=False), False)
+        sequences = B if cu_seqlens is None else len(cu_seqlens) - 1
+        scan_fwd(q, f, v, torch.zeros(H, K), torch.zeros(sequences, H, K, K), cu_seqlens, 1.0, False, False, True,
+                 _forward_chunk(B, H, K, K, dtype, cu_seqlens, None, backward=False), False)
 
     return run
 
@@ -190,6 +192,8 @@ CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton
     "bf16 K128 many heads": scan_training_step(torch.bfloat16, 128, H=128),
     "bf16 K128 many heads recomputed": scan_training_step(torch.bfloat16, 128, H=128, recompute=True),
     "bf16 K128 many heads inference": scan_inference(torch.bfloat16, 128, H=128),
+    "bf16 K128 packed inference": scan_inference(
+        torch.bfloat16, 128, B=1, cu_seqlens=torch.tensor([0, 37, 200], dtype=torch.int32)),
     # the ViTs' walks: one-pass forward (`_fused_forward`), storing the chunk states (and scores) or not; a 64 x 64
     # dh walk that writes dv
     "bf16 K64 many heads": scan_training_step(torch.bfloat16, 64, H=144),

@@ -134,6 +134,15 @@ def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
     assert_close_to_oracle(compare_with_oracle(T=70, H=4, K=64), torch.float32)
 
 
+def test_output_tiles_at_the_inference_chunk():
+    """At chunk 64 (the no-grad forward of bfloat16 128-wide heads) the output kernel takes 64-wide V blocks, except
+    where it adds the seeds of cut walks (H100, twenty-fifth session: T 8K 0.54 -> 0.47 ms, seeded T 16K 0.58 ->
+    0.81); at training's chunk 32, 128-wide ones."""
+    output_bv = lambda **kwargs: triton_scan._tiles("output", 128, 128, torch.bfloat16, **kwargs)["BV"]
+    assert output_bv(chunk=triton_scan.INFERENCE_CHUNK) == 64
+    assert output_bv(chunk=triton_scan.INFERENCE_CHUNK, seeded=True) == output_bv() == 128
+
+
 def test_whole_state_walk_tiles(monkeypatch):
     """128-wide heads in 16-bit walk the whole state in one program where those fill the SMs in one wave of at most
     two per SM (here 2 walks on one SM), and match the float64 loop; float32 inputs, packed walks and the no-grad
