@@ -47,9 +47,13 @@ def _grid(**axes) -> list[dict]:
 # state, but leaves fewer programs to hide each chunk step's latency.
 WALK_CANDIDATES = (_grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2])
                    + _grid(BK=[32, 64, 128], BV=[128], num_warps=[4, 8], num_stages=[2]))
+# The 128-wide whole-state programs (the dh walk that writes dv, the one-pass forward) take 255 registers at 8
+# warps: one program per SM, each chunk step's chain of products waited on alone. Capped at 128 (sm_90a: dh spills
+# 492 bytes, the one-pass forward 780), two programs per SM could overlap their chains.
+TWO_PER_SM = _grid(BK=[128], BV=[128], num_warps=[8], num_stages=[2], maxnreg=[128])
 CANDIDATES = {
     "states": WALK_CANDIDATES,
-    "dh": WALK_CANDIDATES,
+    "dh": WALK_CANDIDATES + TWO_PER_SM,
     # maxnreg caps registers per thread so that more programs share an SM, at the price of spills: ptxas
     # (sm_90a) gives the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
     # The grads kernel of bfloat16 pipelines only with OWN_MMA_LOADS (a race otherwise, `_tiles`); at 2 stages its
@@ -61,10 +65,11 @@ CANDIDATES = {
     + _grid(BV=[64], num_warps=[8], num_stages=[2, 3], OWN_MMA_LOADS=[True], HOLD_GATE=[True, False]),
     # The one-pass forward of 128-wide heads holds the whole state in one 8-warp program's registers (255 of them at
     # BV 64 too, sm_90a); 3 stages compile without spills.
-    "fused": _grid(BV=[64, 128], num_warps=[8], num_stages=[2, 3]),
+    "fused": _grid(BV=[64, 128], num_warps=[8], num_stages=[2, 3]) + TWO_PER_SM,
 }
 SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
     **CANDIDATES,
+    "dh": WALK_CANDIDATES,
     "output": _grid(BV=[64], num_warps=[2, 4, 8], num_stages=[2, 3]),
     "grads": _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[1], OWN_MMA_LOADS=[False], HOLD_GATE=[True, False])
     + _grid(BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3], OWN_MMA_LOADS=[True], HOLD_GATE=[True, False])
