@@ -266,7 +266,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       168 registers at chunk 32 for three programs per SM (0.516 -> 0.471 ms at the record shape with triton 3.8,
       0.554 -> 0.519 with 3.6; at chunk 64 it spills and the no-grad forward doubles). At chunk 64 (the no-grad
       forward) a 64-wide V block, unless it adds seeds (H100, triton 3.8, twenty-fifth session, per call: T 8K
-      0.54 -> 0.47 ms; seeded at T 16K it lost, 0.58 -> 0.81). The grads
+      0.54 -> 0.47 ms; seeded at T 16K it lost, 0.58 -> 0.81: the seed tiles' pipelining buffers take it to 160
+      KiB of shared memory, one program per SM). The grads
       kernel of 64-wide heads takes a 32-wide V block since its q and gate copies are chunk-major (the ViT's
       shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
