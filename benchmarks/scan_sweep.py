@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a package)
 
 KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "dh": "_bwd_dh_kernel",
-                "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel"}
-FORWARD_KERNELS = {"states", "output", "fused"}
+                "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel", "seed": "_fwd_seed_kernel"}
+FORWARD_KERNELS = {"states", "output", "fused", "seed"}
 
 
 def _grid(**axes) -> list[dict]:
@@ -66,6 +66,8 @@ CANDIDATES = {
     # The one-pass forward of 128-wide heads holds the whole state in one 8-warp program's registers (255 of them at
     # BV 64 too, sm_90a); 3 stages compile without spills.
     "fused": _grid(BV=[64, 128], num_warps=[8], num_stages=[2, 3]) + TWO_PER_SM,
+    # The cut one-pass forward's second pass (`_one_pass_segments`: T 8K, 16K without grad)
+    "seed": _grid(BV=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
 }
 SMALL_HEAD_CANDIDATES = {  # K <= 64 (the ViTs' heads): [32, 64] tiles, so fewer warps and holding the gate may pay
     **CANDIDATES,

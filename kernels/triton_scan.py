@@ -21,6 +21,7 @@ from kernels.triton_scan_kernels import (
     _bwd_kernel,
     _fwd_fused_kernel,
     _fwd_output_kernel,
+    _fwd_seed_kernel,
     _fwd_states_kernel,
     _segment_carry_kernel,
 )
@@ -126,11 +127,15 @@ class _Walks:
     walks start each segment from the seeds a "seeds" forward left, so their states are exact with no carry."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
-                 device: torch.device, carry: str, dv_in_walk: bool = False):
+                 device: torch.device, carry: str, dv_in_walk: bool = False, n_segments: int | None = None):
         self.H, self.K, self.V = H, K, V
         walks = layout.n_sequences * H
-        self.n_segments, segment_chunks = _segment_layout(_cdiv(T, layout.chunk), walks, K, V, layout.is_varlen,
-                                                          device)
+        n_chunks = _cdiv(T, layout.chunk)
+        if n_segments is None:
+            self.n_segments, segment_chunks = _segment_layout(n_chunks, walks, K, V, layout.is_varlen, device)
+        else:  # the one-pass forward's own cut (`_one_pass_segments`)
+            segment_chunks = _cdiv(n_chunks, n_segments)
+            self.n_segments = _cdiv(n_chunks, segment_chunks)
         self.carries_seeds = carry == "seeds"
         self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded
@@ -178,9 +183,11 @@ def _forward_chunk(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
     heads of 128-wide tiles (the record shape, H100: 0.97 -> 0.87 ms at T 2K, 1.21 -> 1.02 at T 16K), else CHUNK.
     64-wide heads lose at 64 (the ViT's: 0.165 -> 0.177 ms); float16 and float32 stage float32 tiles in the output
     kernel that pass the 227 KiB of shared memory at 64 (sm_90a); 256-wide heads were not measured
-    (kernels/HISTORY.md, ninth session); the one-pass forward (`_fused_forward`) spills at 64 (sixteenth)."""
+    (kernels/HISTORY.md, ninth session); the one-pass forward (`_fused_forward`, cut: `_one_pass_segments`) spills
+    at 64 (sixteenth)."""
     if (backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128
-            or _fused_forward(B, H, K, V, dtype, cu_seqlens, device)):
+            or _fused_forward(B, H, K, V, dtype, cu_seqlens, device)
+            or _one_pass_segments(B, H, K, V, dtype, cu_seqlens, device, backward) > 1):
         return CHUNK
     return INFERENCE_CHUNK
 
@@ -205,6 +212,18 @@ def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
     if _block(max(K, V)) <= 64:
         return 3 * _wide_tile_programs(B * H, K, V) > 4 * _sm_count(device)
     return _block(K) == _block(V) == 128 and 32 * B * H >= 31 * _sm_count(device)
+
+
+def _one_pass_segments(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
+                       device: torch.device | None, backward: bool) -> int:
+    """Into how many segments the one-pass forward cuts each walk where the walks alone would leave at least half
+    the SMs idle: a forward without a backward (whose chunk states would need fixing) of bfloat16 128-wide heads of
+    equal lengths, which `_fused_forward` leaves to the two-pass forward. As many as give each SM one program (a
+    short sequence gets at most one a chunk, `_Walks`). 1: not cut (the one-pass or the two-pass forward)."""
+    if (backward or cu_seqlens is not None or dtype != torch.bfloat16 or _block(K) != 128 or _block(V) != 128
+            or _fused_forward(B, H, K, V, dtype, cu_seqlens, device)):
+        return 1
+    return max(1, _sm_count(device) // (B * H))
 
 
 def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
@@ -237,8 +256,8 @@ TILE_OVERRIDES: dict[str, dict] = {}
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
            chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False, seeded: bool = False) -> dict:
-    """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads") for a head size and
-    input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
+    """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads", "fused", "seed") for a head
+    size and input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
     the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`,
     the output kernel also on whether it adds the seeds of cut walks (`seeded`); the dh walk and the grads kernel
     on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
@@ -295,6 +314,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
             tiles["maxnreg"] = 168
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
+    elif kernel == "seed":  # not swept
+        tiles = dict(BK=BK, BV=BV, num_warps=4, num_stages=2)
     elif kernel == "fused" and BK == 128:  # one program per walk: 0.76 ms at T 2K against 1.32 with two of 64
         tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2)
     elif kernel == "fused":  # 3 stages under triton 3.8 (H100, training forward): ViT 0.105 -> 0.099 ms, heads64
@@ -473,18 +494,31 @@ def scan_fwd(
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
         return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V)), _no_scores(q, chunk)
-    if _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device):
+    one_pass_segments = _one_pass_segments(B, H, K, V, q.dtype, cu_seqlens, q.device, backward)
+    if one_pass_segments > 1 or _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device):
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
         keep_scores = backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device)
         scores = _empty(layout.n_chunks if keep_scores else 0, H, chunk, chunk, dtype=q.dtype, device=q.device)
         tiles = _tiles("fused", K, V, q.dtype)
+        common = _constexprs(q, v, lower_bound, layout, reverse)
+        # A cut walk's segments hand on their ends as the states walk's do (its tiles for the carry pass).
+        walks = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=one_pass_segments)
+        seeds = _empty(N * H * walks.n_segments if walks.segmented else 0, K, V, dtype=states.dtype, device=q.device)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-            _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H),)](
-                q, f, v, bound, h0, o, final, states, scores, layout.cu_seqlens, layout.state_offsets, q.stride(1),
-                f.stride(1), v.stride(1), scale, T, HAS_H0=initial_state is not None, OUTPUT_FINAL=output_final_state,
-                STORE_STATES=save_states, STORE_SCORES=keep_scores, **tiles,
-                **_constexprs(q, v, lower_bound, layout, reverse),
+            _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
+                q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), layout.cu_seqlens,
+                layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
+                walks.segment_chunks, HAS_H0=initial_state is not None,
+                OUTPUT_FINAL=output_final_state and not walks.segmented, STORE_STATES=save_states,
+                STORE_SCORES=keep_scores, SEGMENTED=walks.segmented, **tiles, **common,
             )
+            if walks.segmented:
+                walks.carry(dummy, seeds, final if output_final_state else None, layout, T, backward=False)
+                _fwd_seed_kernel[(layout.n_chunks, H)](
+                    q, f, bound, o, walks.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets,
+                    layout.chunk_table, q.stride(1), f.stride(1), scale, T, walks.n_segments, walks.segment_chunks,
+                    **_tiles("seed", K, V, q.dtype), **common,
+                )
         return o, final, states, q.new_empty(0, K, V, dtype=states.dtype), scores
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
@@ -511,12 +545,14 @@ def scan_fwd(
             )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
+    seeds = seeds if backward else q.new_empty(0, K, V, dtype=seeds.dtype)  # only a backward reads them
     return o, final, states, seeds, _no_scores(q, chunk)
 
 
 def _no_scores(q: Tensor, chunk: int) -> Tensor:
     """`scan_fwd`'s scores where it keeps none."""
     return q.new_empty(0, q.shape[2], chunk, chunk)
+
 
 
 scan_fwd_op = define_op(scan_fwd)
@@ -529,7 +565,7 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     layout_states = _state_slots(B, T, cu_seqlens, chunk)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
-    n_seeds = 0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk)
+    n_seeds = 0 if save_states or not backward else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk)
     n_scores = B * _cdiv(T, chunk) if backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device) else 0
     return (
         q.new_empty(B, T, H, V),

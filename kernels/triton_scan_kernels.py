@@ -357,22 +357,27 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _fwd_fused_kernel(
-    q, f, v, lower_bound, h0, o, final_state, states, scores, cu_seqlens, state_offsets, stride_q, stride_f, stride_v,
-    scale, T,
+    q, f, v, lower_bound, h0, o, final_state, states, scores, chunk_decays, segment_ends, segment_decays, cu_seqlens,
+    state_offsets, stride_q, stride_f, stride_v, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-    STORE_SCORES: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_DT: tl.constexpr,
+    STORE_SCORES: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     """The forward in one pass: one program per (sequence, head, V block) walks the sequence's chunks in order
     holding its state tile in float32 registers (transposed, [BV, K]), and for each chunk writes the outputs from it
     (the output kernel's products) before advancing it (the states kernel's). No chunk state is read back from
     memory, and none is written unless STORE_STATES (for the backward, as the states kernel stores them). Each V
     block computes the chunk's gate and intra-chunk scores again; with STORE_SCORES the first keeps the scores for
-    the dh walk's dv (`_bwd_dh_kernel`)."""
+    the dh walk's dv (`_bwd_dh_kernel`).
+
+    SEGMENTED (a forward without a backward, too few walks to fill the GPU): each segment of a walk's chunks runs
+    at once from a zero state (the first from the initial one), storing the gate sum D since its start at every
+    chunk and its end for `_segment_carry_kernel`; its outputs then lack (q exp(G + D)) seed, which
+    `_fwd_seed_kernel` adds."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
-     one_minus_b) = _state_tile_program(T, 1, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
-                                        HAS_BOUND, IS_VARLEN)
+     one_minus_b) = _state_tile_program(T, n_segments if SEGMENTED else 1, cu_seqlens, state_offsets, lower_bound, H,
+                                        K, V, C, BK, BV, HAS_BOUND, IS_VARLEN)
     length = eos - bos
     offs_c = tl.arange(0, C)
     causal = offs_c[:, None] >= offs_c[None, :]
@@ -381,8 +386,15 @@ def _fwd_fused_kernel(
     # straight from registers (o^T = S^T (q exp(G))^T), with M = BV rows, instead of staging it in shared memory.
     # It is stored transposed back (sm_90a spills 148 bytes a thread, against 192-264 with transposed offsets).
     S_T = tl.trans(_initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0))
+    D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
     n_chunks = tl.cdiv(length, C)
-    for i_t in range(0, n_chunks):
+    first, last = 0, n_chunks
+    if SEGMENTED:  # constexpr branches: the whole walks' code is as without segments
+        S_T = tl.where(i_seg == 0, S_T, 0.0)
+        first, last = _segment_range(i_seg, segment_chunks, n_chunks)
+    for i_t in range(first, last):
+        if SEGMENTED:
+            tl.store(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
         if STORE_STATES:
             _store_state(states, (state_off + i_t) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
@@ -402,10 +414,45 @@ def _fwd_fused_kernel(
         _store_rows(o, rows, i_h, offs_v, H, V, tl.trans(out_T), mask_cv)
         k_end = (k * to_end).to(WIDE_DT)
         S_T = S_T * _exp(G_last)[None, :] + tl.dot(v_T.to(WIDE_DT), k_end, input_precision=PRECISION)
+        if SEGMENTED:
+            D += G_last
+    if SEGMENTED:
+        _store_segment_end(tl.trans(S_T), D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
+                           mask_k, state_tile, mask_kv, K, V)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
         _store_state(states, (state_off + n_chunks) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
     if OUTPUT_FINAL:
         tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, tl.trans(S_T), mask=mask_kv)
+
+
+@triton.jit
+def _fwd_seed_kernel(
+    q, f, lower_bound, o, chunk_decays, seeds, cu_seqlens, state_offsets, chunk_table, stride_q, stride_f, scale, T,
+    n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_BOUND: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr,
+):
+    """What a segmented one-pass forward's outputs lack past each walk's first segment: the true state at a chunk's
+    start is its segment's local one plus exp(D) seed (`_fwd_output_kernel`'s SEEDED), so one program per (chunk,
+    head) adds (q exp(G + D)) seed to the outputs already written."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_t = _chunk_of_program(i_c, T, C, chunk_table, IS_VARLEN)
+    if i_n < 0 or i_t < segment_chunks:  # the first segment started from the true initial state
+        return
+    state_off, length, offs_c, offs_k, mask_k, valid, rows, mask_ck, causal, b, one_minus_b = _chunk_tile(
+        i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
+    _, _, _, _, G, G_last = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b,
+                                        mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
+    D = tl.load(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, mask=mask_k, other=0.0)
+    q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
+    q_seed = (q_t * _exp(G + D[None, :]) * scale).to(WIDE_DT)
+    seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
+        seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
+        out = _load_rows(o, rows, H * V, i_h, offs_v, V, mask_cv).to(tl.float32)
+        _store_rows(o, rows, i_h, offs_v, H, V, out + tl.dot(q_seed, seed_tile, input_precision=PRECISION), mask_cv)
 
 
 @triton.jit

@@ -407,6 +407,36 @@ def test_fused_forward_keeps_the_states_for_the_backward(case):
     assert_close_to_oracle(compare_with_oracle(**options), torch.float32)
 
 
+CUT_ONE_PASS_CASES = {  # 3 segments a walk; 5 chunks of 32 at T 150, so the last segment has one chunk
+    "T 150": dict(T=150),
+    "gates near 0": dict(T=100, gate_shift=-20.0, bounded=False),
+    "reverse, more heads": dict(B=3, T=130, H=5, reverse=True),
+}
+
+
+@pytest.mark.parametrize("K", [128] if GPU else [16, 128])
+@pytest.mark.parametrize("case", CUT_ONE_PASS_CASES, ids=list(CUT_ONE_PASS_CASES))
+def test_cut_one_pass_forward_matches_the_oracle(case, K, monkeypatch):
+    """The one-pass forward without grad, each walk cut into segments run at once (`_one_pass_segments`), forced
+    whatever the size and dtype; the two-pass forward's kernels barred. The seeds the carry pass hands on reach the
+    outputs (`_fwd_seed_kernel`) and the final state."""
+    monkeypatch.setattr(triton_scan, "_one_pass_segments",
+                        lambda B, H, K, V, dtype, cu_seqlens, device, backward: 3)
+    monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
+    monkeypatch.setattr(triton_scan, "_fwd_output_kernel", None)
+    dtype = torch.bfloat16 if GPU else (torch.float16 if K == 128 else torch.float32)
+    assert_close_to_oracle(forward_errors(dtype, K=K, **CUT_ONE_PASS_CASES[case]), dtype)
+
+
+def test_where_the_one_pass_forward_is_cut():
+    """On the H100's 132 SMs (H 16, 128-wide bf16 heads, no backward): from 66 walks or fewer (T 8K, B 4: 2
+    segments; T 16K, B 2: 4), not where the walks fill the GPU or a backward follows."""
+    cut = lambda B, backward=False, dtype=torch.bfloat16: triton_scan._one_pass_segments(
+        B, 16, 128, 128, dtype, None, None, backward)
+    assert [cut(B) for B in (1, 2, 4, 5, 8)] == [8, 4, 2, 1, 1]
+    assert cut(4, backward=True) == cut(4, dtype=torch.float16) == 1
+
+
 def test_where_the_dh_walk_takes_dv():
     """`_scores_kept` on the H100's 132 SMs: where the one-pass forward runs, and then the dh walk holds the whole K
     uncut (the record shape at T 1K to 4K walks the whole state; 64-wide heads, which without dv would split K
