@@ -350,9 +350,12 @@ def forward_errors(dtype, B=2, T=70, H=2, K=16, gate_shift=0.0, gate_scale=1.0, 
 
 @pytest.mark.parametrize("case", INFERENCE_CASES, ids=list(INFERENCE_CASES))
 def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
-    """The GPU runs these in bfloat16 with heads of 128, which the dispatch gives chunks of 64. The interpreter runs
-    float32 heads of 16, which it keeps at 32 (`_forward_chunk`): the chunk of 64 is forced there."""
+    """The two-pass forward at chunk 64. The GPU runs these in bfloat16 with heads of 128, which the dispatch gives
+    chunks of 64 where it does not cut the one-pass forward (`_one_pass_segments`, barred here: these few walks
+    would take it). The interpreter runs float32 heads of 16, which it keeps at 32 (`_forward_chunk`): the chunk of
+    64 is forced there."""
     dtype, K = (torch.bfloat16, 128) if GPU else (torch.float32, 16)
+    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda *args, **kwargs: 1)
     if GPU:
         assert triton_scan._forward_chunk(1, 1, K, K, dtype, None, None, backward=False) == triton_scan.INFERENCE_CHUNK
     else:
