@@ -45,8 +45,8 @@ def _grid(**axes) -> list[dict]:
 
 # The walks' V blocks each compute the gate of their K block again: a wider V block computes it for more of the
 # state, but leaves fewer programs to hide each chunk step's latency.
-WALK_CANDIDATES = (_grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2])
-                   + _grid(BK=[32, 64, 128], BV=[128], num_warps=[4, 8], num_stages=[2]))
+WALK_CANDIDATES = (_grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=[2, 3])
+                   + _grid(BK=[32, 64, 128], BV=[128], num_warps=[4, 8], num_stages=[2, 3]))
 # The 128-wide whole-state programs (the dh walk that writes dv, the one-pass forward) take 255 registers at 8
 # warps: one program per SM, each chunk step's chain of products waited on alone. Capped at 128 (sm_90a: dh spills
 # 492 bytes, the one-pass forward 780), two programs per SM could overlap their chains.
@@ -176,7 +176,7 @@ def main() -> None:
             dv_in_walk = not args.no_grad and triton_scan._scores_kept(B, T, H, K, K, dtype, None,
                                                                        torch.device(device))
             default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device), chunk=chunk,
-                                         dv_in_walk=dv_in_walk, seeded=args.no_grad and segments > 1)
+                                         dv_in_walk=dv_in_walk, backward=not args.no_grad)
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
             candidates = [default] + [c for c in pool[kernel] if {**default, **c} != default]
             candidates = candidates[:2] if args.smoke else candidates

@@ -123,8 +123,10 @@ class _Walks:
     """How the sequential kernel `kernel` ("states" or "dh") walks the chunks: its tiles, the segments of each walk
     (see `_segments`), the kernel arguments that say so and the buffers the segments hand to the carry pass.
     What the carry pass hands on, `carry`: "rewrite" fixes every chunk state; "seeds" leaves them local and
-    stores each segment's true starting tile, its seed (the output kernel adds exp(D) seed itself); "seeded"
-    walks start each segment from the seeds a "seeds" forward left, so their states are exact with no carry."""
+    stores each segment's true starting tile, its seed (the output kernel or `_fwd_seed_kernel` adds exp(D) seed);
+    "seeded" walks start each segment from the seeds a "seeds" forward left, so their states are exact with no
+    carry. The one-pass forward's segments (`n_segments`, `_one_pass_segments`) hand on their ends as the states
+    walk's do."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
                  device: torch.device, carry: str, dv_in_walk: bool = False, n_segments: int | None = None):
@@ -255,12 +257,12 @@ TILE_OVERRIDES: dict[str, dict] = {}
 
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
-           chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False, seeded: bool = False) -> dict:
+           chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False, backward: bool = True) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads", "fused", "seed") for a head
     size and input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`,
-    the output kernel also on whether it adds the seeds of cut walks (`seeded`); the dh walk and the grads kernel
-    on whether the walk writes dv (`dv_in_walk`, `_scores_kept`).
+    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`;
+    the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`); the one-pass
+    forward on whether a `backward` follows.
     Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
       computes the gate of its K block again, so the widest V block pays, with 4 warps (kernels/HISTORY.md, seventh
@@ -279,14 +281,19 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       spills) they lose. A dh walk that also writes dv (`dv_in_walk`, `_scores_kept`) takes the whole state whatever
       the number of walks: with 8 warps at K 128 (at 4 it spills 384 bytes), with 4 at K 64 (ViT-tiny's 768 walks:
       dh 0.128 ms with 2 warps, 0.105 with 4; vit_small's 1,536 a tie, 0.209 -> 0.204; twentieth session).
+    - The dh walk pipelines 3 stages deep, and so does the states walk where few walks leave SMs waiting (the
+      32-wide K blocks). H100, triton 3.8, twenty-sixth session, ms per call from 2 stages to 3: dh 0.667 -> 0.589 at
+      T 2K, 0.669 -> 0.597 at T 1000, 0.599 -> 0.480 at T 8K, 0.506 -> 0.464 at T 16K, packed 0.693 -> 0.644,
+      ViT-tiny 0.107 -> 0.086, vit_small 0.205 -> 0.165; states 0.542 -> 0.442 at T 8K, 0.377 -> 0.324 at T 16K, but
+      packed (1,024 programs) 0.433 -> 0.471. 4 stages won less. Float16, float32 and 256-wide heads: not measured.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
       168 registers at chunk 32 for three programs per SM (0.516 -> 0.471 ms at the record shape with triton 3.8,
       0.554 -> 0.519 with 3.6; at chunk 64 it spills and the no-grad forward doubles). At chunk 64 (the no-grad
-      forward) a 64-wide V block, unless it adds seeds (H100, triton 3.8, twenty-fifth session, per call: T 8K
-      0.54 -> 0.47 ms; seeded at T 16K it lost, 0.58 -> 0.81: the seed tiles' pipelining buffers take it to 160
-      KiB of shared memory, one program per SM). The grads
+      forward, whose walks are never cut there: `_one_pass_segments` takes them first) a 64-wide V block (H100,
+      triton 3.8, twenty-fifth session, per call: T 8K 0.54 -> 0.47 ms; where it also added the seeds of cut walks
+      it lost, T 16K 0.58 -> 0.81: 160 KiB of shared memory, one program per SM). The grads
       kernel of 64-wide heads takes a 32-wide V block since its q and gate copies are chunk-major (the ViT's
       shape: 0.297 -> 0.270 ms, with the gate held or not; kernels/HISTORY.md, eleventh session). No
       software pipelining at K 256, whose staged tiles would pass the 227 KiB of shared memory, and where the
@@ -297,27 +304,31 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
     whole_state_programs = walks * _cdiv(V, walk_BV)
+    walk_stages = 3 if kernel == "dh" else 2
     if kernel == "dh" and dv_in_walk and BK in (64, 128):
-        tiles = dict(BK=BK, BV=walk_BV, num_warps=8 if BK == 128 else 4, num_stages=2)
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=8 if BK == 128 else 4, num_stages=3)
     elif (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
             and _sm_count(device) < whole_state_programs <= 2 * _sm_count(device)):
-        tiles = dict(BK=BK, BV=walk_BV, num_warps=4, num_stages=2)
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=4, num_stages=walk_stages)
     elif kernel in ("states", "dh") and _wide_tile_programs(walks, K, V) >= 2 * _sm_count(device):
         wide_v = walk_BV >= 128
         split_k = not wide_v and _wide_tile_programs(walks, K, V) < 8 * _sm_count(device)
-        tiles = dict(BK=min(32 if split_k else 64, BK), BV=walk_BV, num_warps=4 if wide_v else 2, num_stages=2)
+        tiles = dict(BK=min(32 if split_k else 64, BK), BV=walk_BV, num_warps=4 if wide_v else 2,
+                     num_stages=walk_stages)
     elif kernel in ("states", "dh"):
-        tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=2)
+        tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=3)
     elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
-        tiles = dict(BK=BK, BV=min(128 if chunk == CHUNK or seeded else 64, _block(V)), num_warps=4, num_stages=3)
+        tiles = dict(BK=BK, BV=min(128 if chunk == CHUNK else 64, _block(V)), num_warps=4, num_stages=3)
         if chunk == CHUNK:
             tiles["maxnreg"] = 168
     elif kernel == "output":
         tiles = dict(BK=BK, BV=BV, **wide)
-    elif kernel == "seed":  # not swept
+    elif kernel == "seed":  # the best of 8 at T 8K and 16K (H100, twenty-sixth session): 0.124 and 0.180 ms
         tiles = dict(BK=BK, BV=BV, num_warps=4, num_stages=2)
     elif kernel == "fused" and BK == 128:  # one program per walk: 0.76 ms at T 2K against 1.32 with two of 64
-        tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2)
+        # Without grad 3 stages win (T 2K 0.56 -> 0.48, cut walks at T 8K 0.55 -> 0.48; the kernel's loop says why);
+        # storing the chunk states and scores for the backward they lose (0.66 -> 0.71; twenty-sixth session).
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=8, num_stages=2 if backward else 3)
     elif kernel == "fused":  # 3 stages under triton 3.8 (H100, training forward): ViT 0.105 -> 0.099 ms, heads64
         tiles = dict(BK=BK, BV=BV, num_warps=4, num_stages=3)  # 0.267 -> 0.237; 2 won under 3.6 (sixteenth)
     elif kernel == "grads":
@@ -499,10 +510,10 @@ def scan_fwd(
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
         keep_scores = backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device)
         scores = _empty(layout.n_chunks if keep_scores else 0, H, chunk, chunk, dtype=q.dtype, device=q.device)
-        tiles = _tiles("fused", K, V, q.dtype)
         common = _constexprs(q, v, lower_bound, layout, reverse)
         # A cut walk's segments hand on their ends as the states walk's do (its tiles for the carry pass).
         walks = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=one_pass_segments)
+        tiles = _tiles("fused", K, V, q.dtype, backward=backward)
         seeds = _empty(N * H * walks.n_segments if walks.segmented else 0, K, V, dtype=states.dtype, device=q.device)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
@@ -535,13 +546,12 @@ def scan_fwd(
         # grads kernel's (`_fallback_flags`); at 32 one, where a second launch would cost more than it saves.
         launches = (ONE_LAUNCH,) if chunk == CHUNK else (ANCHORED_LAUNCH, FALLBACK_LAUNCH)
         flags = _fallback_flags(layout, H, q.device) if len(launches) > 1 else dummy
-        seeded = walks.segmented and walks.carries_seeds
         for launch in launches:
             _fwd_output_kernel[(layout.n_chunks, H)](
                 q, f, v, bound, states, o, walks.chunk_decays, seeds, flags, layout.cu_seqlens, layout.state_offsets,
                 layout.chunk_table, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
-                walks.segment_chunks, SEEDED=seeded, LAUNCH=launch,
-                **_tiles("output", K, V, q.dtype, chunk=chunk, seeded=seeded), **common,
+                walks.segment_chunks, SEEDED=walks.segmented and walks.carries_seeds, LAUNCH=launch,
+                **_tiles("output", K, V, q.dtype, chunk=chunk), **common,
             )
     if not save_states:  # a fresh empty tensor: a view would keep the whole buffer alive
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
@@ -552,7 +562,6 @@ def scan_fwd(
 def _no_scores(q: Tensor, chunk: int) -> Tensor:
     """`scan_fwd`'s scores where it keeps none."""
     return q.new_empty(0, q.shape[2], chunk, chunk)
-
 
 
 scan_fwd_op = define_op(scan_fwd)

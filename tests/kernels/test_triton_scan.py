@@ -134,13 +134,14 @@ def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
     assert_close_to_oracle(compare_with_oracle(T=70, H=4, K=64), torch.float32)
 
 
-def test_output_tiles_at_the_inference_chunk():
-    """At chunk 64 (the no-grad forward of bfloat16 128-wide heads) the output kernel takes 64-wide V blocks, except
-    where it adds the seeds of cut walks (H100, twenty-fifth session: T 8K 0.54 -> 0.47 ms, seeded T 16K 0.58 ->
-    0.81); at training's chunk 32, 128-wide ones."""
+def test_tiles_of_the_no_grad_forward():
+    """At chunk 64 (the no-grad forward of bfloat16 128-wide heads) the output kernel takes 64-wide V blocks (H100,
+    twenty-fifth session: T 8K 0.54 -> 0.47 ms); at training's chunk 32, 128-wide ones. The one-pass forward takes 3
+    pipeline stages where no backward follows (twenty-sixth: T 2K 0.56 -> 0.48 ms; training's 0.66 -> 0.71)."""
     output_bv = lambda **kwargs: triton_scan._tiles("output", 128, 128, torch.bfloat16, **kwargs)["BV"]
-    assert output_bv(chunk=triton_scan.INFERENCE_CHUNK) == 64
-    assert output_bv(chunk=triton_scan.INFERENCE_CHUNK, seeded=True) == output_bv() == 128
+    assert (output_bv(chunk=triton_scan.INFERENCE_CHUNK), output_bv()) == (64, 128)
+    fused_stages = lambda **kwargs: triton_scan._tiles("fused", 128, 128, torch.bfloat16, **kwargs)["num_stages"]
+    assert (fused_stages(backward=False), fused_stages()) == (3, 2)
 
 
 def test_whole_state_walk_tiles(monkeypatch):
@@ -454,6 +455,18 @@ def test_where_the_dh_walk_takes_dv():
         tiles = triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks, dv_in_walk=True)
         assert (tiles["BK"], tiles["BV"]) == (K, K), (K, walks)
         assert triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks)["BK"] < K, (K, walks)  # without dv
+
+
+def test_walk_pipeline_stages():
+    """`_tiles` on the H100's 132 SMs: the dh walk pipelines 3 stages deep at every shape measured, the states walk
+    only where few walks take 32-wide K blocks (T 8K, B 4: 0.54 -> 0.44 ms); packed, with 1,024 programs, it lost
+    (0.43 -> 0.47; twenty-sixth session)."""
+    stages = lambda kernel, walks, packed=False: triton_scan._tiles(kernel, 128, 128, torch.bfloat16, walks=walks,
+                                                                     packed=packed)["num_stages"]
+    assert [stages("dh", walks) for walks in (64, 256, 512)] == [3, 3, 3]
+    assert stages("dh", 256, packed=True) == stages("states", 64) == 3
+    assert stages("states", 256, packed=True) == 2
+    assert triton_scan._tiles("dh", 64, 64, torch.bfloat16, walks=768, dv_in_walk=True)["num_stages"] == 3
 
 
 def test_the_grads_kernel_with_its_own_loads_for_the_tensor_cores(monkeypatch):
