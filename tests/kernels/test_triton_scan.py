@@ -459,8 +459,8 @@ def test_where_the_dh_walk_takes_dv():
 
 def test_walk_pipeline_stages():
     """`_tiles` on the H100's 132 SMs: the dh walk pipelines 3 stages deep at every shape measured, the states walk
-    only where few walks take 32-wide K blocks (T 8K, B 4: 0.54 -> 0.44 ms); packed, with 1,024 programs, it lost
-    (0.43 -> 0.47; twenty-sixth session)."""
+    only where its 64 x 64 tile programs would be fewer than two per SM (T 8K, B 4: 0.54 -> 0.44 ms); packed, with
+    1,024 programs, it lost (0.43 -> 0.47; twenty-sixth session)."""
     stages = lambda kernel, walks, packed=False: triton_scan._tiles(kernel, 128, 128, torch.bfloat16, walks=walks,
                                                                      packed=packed)["num_stages"]
     assert [stages("dh", walks) for walks in (64, 256, 512)] == [3, 3, 3]
