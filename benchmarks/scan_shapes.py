@@ -9,9 +9,14 @@ copy the other one beside the tree and run both, alternating:
 
     git archive <commit> kernels | tar -x -C /tmp/other
     python benchmarks/scan_shapes.py --kernels-from /tmp/other; python benchmarks/scan_shapes.py   # twice
+
+To try a launch option at every shape before changing `_tiles` (how the walks' 3 stages were found):
+
+    python benchmarks/scan_shapes.py --tiles dh:num_stages=3 states:num_stages=3
 """
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -37,7 +42,24 @@ def packed_boundaries(tokens: int, T: int, generator) -> list[int]:
     return [0, *ends[ends < tokens].tolist(), tokens]
 
 
-def scan_calls(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool):
+def tile_overrides(items: list[str]) -> dict[str, dict]:
+    """`KERNEL:NAME=VALUE` items as `kernels.triton_scan.TILE_OVERRIDES`, e.g. ["dh:num_stages=3", "dh:BK=64"] ->
+    {"dh": {"num_stages": 3, "BK": 64}}. Values are Python literals."""
+    overrides: dict[str, dict] = {}
+    for item in items:
+        kernel, _, assignment = item.partition(":")
+        name, _, value = assignment.partition("=")
+        try:
+            overrides.setdefault(kernel, {})[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--tiles {item!r}: expected KERNEL:NAME=VALUE with a Python literal value, "
+                             f"e.g. dh:num_stages=3") from None
+        if not kernel or not name:
+            raise ValueError(f"--tiles {item!r}: expected KERNEL:NAME=VALUE, e.g. dh:num_stages=3")
+    return overrides
+
+
+def scan_calls(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool, recompute_states: bool = False):
     """One scan's forward + backward, the same forward without grad, and the inputs whose gradients accumulate."""
     generator = torch.Generator().manual_seed(0)
     shape = (1, B * T, H, K) if packed else (B, T, H, K)
@@ -49,7 +71,7 @@ def scan_calls(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool):
         cu_seqlens = torch.tensor(packed_boundaries(B * T, T, generator), dtype=torch.int32, device="cuda")
 
     def forward_backward() -> None:
-        o, _ = hgrn2_scan(q, f, v, bound, cu_seqlens=cu_seqlens, check_bound=False)
+        o, _ = hgrn2_scan(q, f, v, bound, cu_seqlens=cu_seqlens, check_bound=False, recompute_states=recompute_states)
         o.backward(do)
 
     def forward() -> None:
@@ -63,16 +85,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels-from", metavar="DIR", help="a folder holding another version's kernels/ package")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="KERNEL:NAME=VALUE",
+                        help="launch options over `_tiles`' choice for every shape, e.g. dh:num_stages=3")
+    parser.add_argument("--recompute-states", action="store_true",
+                        help="the backward rebuilds the chunk states (recompute_states, the LM configs' choice)")
     args = parser.parse_args()
+    try:
+        overrides = tile_overrides(args.tiles)
+    except ValueError as error:
+        parser.error(str(error))
     if args.kernels_from:
         sys.path.insert(0, str(Path(args.kernels_from).resolve()))
     sys.path.insert(1, str(Path(__file__).resolve().parent))
     import kernels  # from --kernels-from when given
+    from kernels import triton_scan
     from scan import kernel_ms  # benchmarks/ is not a package
 
+    triton_scan.TILE_OVERRIDES.update(overrides)
     label = args.kernels_from or str(Path(kernels.__file__).parent.parent)
+    label += "".join(f" {item}" for item in args.tiles) + (" recompute" if args.recompute_states else "")
     for name in args.shapes:
-        forward_backward, forward, inputs = scan_calls(kernels.hgrn2_scan, *SHAPES[name])
+        forward_backward, forward, inputs = scan_calls(kernels.hgrn2_scan, *SHAPES[name], args.recompute_states)
         times = kernel_ms(forward_backward, calls=20, grad_to_none=inputs)
         top = "  ".join(f"{kernel[:14]} {ms:.3f}" for kernel, ms in list(times.items())[:4])
         forward_ms = sum(kernel_ms(forward, calls=20).values())
