@@ -515,7 +515,6 @@ def scan_fwd(
         # A cut walk's segments hand on their ends as the states walk's do (its tiles for the carry pass).
         walks = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=one_pass_segments)
         tiles = _tiles("fused", K, V, q.dtype, backward=backward)
-        seeds = _empty(N * H * walks.n_segments if walks.segmented else 0, K, V, dtype=states.dtype, device=q.device)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
             _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
                 q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), layout.cu_seqlens,
@@ -525,6 +524,7 @@ def scan_fwd(
                 STORE_SCORES=keep_scores, SEGMENTED=walks.segmented, **tiles, **common,
             )
             if walks.segmented:
+                seeds = _empty(N * H * walks.n_segments, K, V, dtype=states.dtype, device=q.device)
                 walks.carry(dummy, seeds, final if output_final_state else None, layout, T, backward=False)
                 _fwd_seed_kernel[(layout.n_chunks, H)](
                     q, f, bound, o, walks.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets,

@@ -184,7 +184,22 @@ def _store_walk_step(tiles, chunk_decays, slot, S, D, state_tile, mask_kv, offs_
     buffer's type and, in a segmented walk, the gate sum D since the segment's start (the first V block writes it)."""
     _store_state(tiles, slot, S, state_tile, mask_kv, K, V)
     if SEGMENTED:
-        tl.store(chunk_decays + slot * K + offs_k, D, mask=mask_k & (i_v == 0))
+        _store_chunk_decay(chunk_decays, slot, D, offs_k, mask_k, i_v, K)
+
+
+@triton.jit
+def _store_chunk_decay(chunk_decays, slot, D, offs_k, mask_k, i_v, K: tl.constexpr):
+    """The gate sum D since the segment's start at chunk slot `slot`, for the seeds (the first V block writes it)."""
+    tl.store(chunk_decays + slot * K + offs_k, D, mask=mask_k & (i_v == 0))
+
+
+@triton.jit
+def _chunk_seed(seeds, chunk_decays, state_off, i_n, i_t, i_h, n_segments, segment_chunks, offs_k, mask_k,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """What a chunk of a cut walk adds to its outputs: the gate sum D from its segment's start and that segment's
+    seed (its true starting state, [K, V]); the true state at the chunk's start is the local one + exp(D) seed."""
+    D = tl.load(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, mask=mask_k, other=0.0)
+    return D, seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
 
 
 @triton.jit
@@ -328,9 +343,9 @@ def _fwd_output_kernel(
     q_inter = q_decayed.to(WIDE_DT)
     state_at_start = states + ((state_off + i_t) * H + i_h) * K * V
     if SEEDED:
-        D = tl.load(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, mask=mask_k, other=0.0)
+        D, seed = _chunk_seed(seeds, chunk_decays, state_off, i_n, i_t, i_h, n_segments, segment_chunks, offs_k,
+                              mask_k, H, K, V)
         q_seed = (q_decayed * _exp(D)[None, :]).to(WIDE_DT)
-        seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, mask_cv).to(DT)
@@ -396,7 +411,7 @@ def _fwd_fused_kernel(
         S_T = tl.where(i_seg == 0, S_T, 0.0)
     for i_t in range(first, last):
         if SEGMENTED:
-            tl.store(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, D, mask=mask_k & (i_v == 0))
+            _store_chunk_decay(chunk_decays, (state_off + i_t) * H + i_h, D, offs_k, mask_k, i_v, K)
         if STORE_STATES:
             _store_state(states, (state_off + i_t) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
@@ -446,10 +461,10 @@ def _fwd_seed_kernel(
         i_n, i_t, i_h, T, cu_seqlens, state_offsets, lower_bound, H, K, C, BK, HAS_BOUND, IS_VARLEN, REVERSE)
     _, _, _, _, G, G_last = _chunk_gate(_load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck), b, one_minus_b,
                                         mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
-    D = tl.load(chunk_decays + ((state_off + i_t) * H + i_h) * K + offs_k, mask=mask_k, other=0.0)
+    D, seed = _chunk_seed(seeds, chunk_decays, state_off, i_n, i_t, i_h, n_segments, segment_chunks, offs_k, mask_k,
+                          H, K, V)
     q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck).to(tl.float32)
     q_seed = (q_t * _exp(G + D[None, :]) * scale).to(WIDE_DT)
-    seed = seeds + ((i_n * H + i_h).to(tl.int64) * n_segments + i_t // segment_chunks) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         offs_v, mask_cv, mask_kv, state_tile = _v_block(i_v, offs_k, mask_k, valid, V, BV)
         seed_tile = tl.load(seed + state_tile, mask=mask_kv, other=0.0).to(WIDE_DT)
