@@ -5,19 +5,26 @@ documents, a length that is not a multiple of 16. bf16, a
 lower bound, fresh random inputs; kernel time from torch.profiler (`scan.kernel_ms`), so the host is left out.
 
 To compare two versions of the kernels in one device call (timings of separate calls differ by a few percent),
-copy the other one beside the tree and run both, alternating:
+copy the other one beside the tree (here, before the call: the device gets the working tree, not .git) and run
+both as variants. Each variant is its own process, run in turn, every round, and the table at the end sets the
+rounds side by side:
 
-    git archive <commit> kernels | tar -x -C /tmp/other
-    python benchmarks/scan_shapes.py --kernels-from /tmp/other; python benchmarks/scan_shapes.py   # twice
+    git archive <commit> kernels | tar -x -C base_kernels
+    python benchmarks/scan_shapes.py --variant "base=--kernels-from base_kernels" --variant tree= --rounds 2
 
-To try a launch option at every shape before changing `_tiles` (how the walks' 3 stages were found):
+A variant's value is this script's own options. To try a launch option at every shape before changing `_tiles`
+(how the walks' 3 stages were found):
 
-    python benchmarks/scan_shapes.py --tiles dh:num_stages=3 states:num_stages=3
+    python benchmarks/scan_shapes.py --variant tree= --variant "dh3=--tiles dh:num_stages=3" --rounds 2
 """
 
 import argparse
 import ast
+import json
+import shlex
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -81,6 +88,50 @@ def scan_calls(hgrn2_scan, B: int, T: int, H: int, K: int, packed: bool, recompu
     return forward_backward, forward, [q, f, v, bound]
 
 
+def variants(items: list[str]) -> dict[str, list[str]]:
+    """`NAME=OPTIONS` items as {name: this script's options}, e.g. ["base=--kernels-from b", "tree="] ->
+    {"base": ["--kernels-from", "b"], "tree": []}."""
+    named: dict[str, list[str]] = {}
+    for item in items:
+        name, equals, options = item.partition("=")
+        if not name or not equals:
+            raise ValueError(f"--variant {item!r}: expected NAME=OPTIONS, e.g. base=--kernels-from base_kernels")
+        if name in named:
+            raise ValueError(f"--variant {name!r} is given twice: name each variant once")
+        named[name] = shlex.split(options)
+    return named
+
+
+def comparison_table(rows: list[dict], names: list[str]) -> str:
+    """Markdown: a line per shape, each variant's f+b and no-grad forward over the rounds ("a / b")."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        runs.setdefault((row["shape"], row["variant"]), []).append(row)
+    shapes = list(dict.fromkeys(row["shape"] for row in rows))
+    header = ["shape", *(f"{name} f+b" for name in names), *(f"{name} no-grad" for name in names)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for shape in shapes:
+        cells = [shape]
+        for key in ("fb_ms", "forward_ms"):
+            cells += [" / ".join(f"{run[key]:.3f}" for run in runs.get((shape, name), [])) or "-" for name in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(named: dict[str, list[str]], rounds: int, common: list[str]) -> None:
+    """Runs every variant in its own process, in turn, `rounds` times, then prints the table of all of them."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for round_ in range(1, rounds + 1):
+            for name, options in named.items():
+                out = Path(folder) / f"{name}-{round_}.jsonl"
+                command = [sys.executable, __file__, *common, *options, "--json-lines", str(out)]
+                print(f"# round {round_}, {name}: {shlex.join(command[1:])}", flush=True)
+                subprocess.run(command, check=True)
+                rows += [dict(json.loads(line), variant=name) for line in out.read_text().splitlines()]
+    print(comparison_table(rows, list(named)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels-from", metavar="DIR", help="a folder holding another version's kernels/ package")
@@ -89,11 +140,22 @@ def main() -> None:
                         help="launch options over `_tiles`' choice for every shape, e.g. dh:num_stages=3")
     parser.add_argument("--recompute-states", action="store_true",
                         help="the backward rebuilds the chunk states (recompute_states, the LM configs' choice)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="compare: run this script with OPTIONS as variant NAME (repeat for each variant)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --variant: how many times each variant runs")
+    parser.add_argument("--json-lines", metavar="FILE", help="also append each shape's times to FILE as JSON")
     args = parser.parse_args()
     try:
         overrides = tile_overrides(args.tiles)
+        named = variants(args.variant)
     except ValueError as error:
         parser.error(str(error))
+    if named:
+        if args.kernels_from or args.tiles or args.json_lines:
+            parser.error("--kernels-from, --tiles and --json-lines belong inside a --variant's options")
+        compare(named, args.rounds, ["--shapes", *args.shapes] + (["--recompute-states"] if args.recompute_states
+                                                                   else []))
+        return
     if args.kernels_from:
         sys.path.insert(0, str(Path(args.kernels_from).resolve()))
     sys.path.insert(1, str(Path(__file__).resolve().parent))
@@ -113,6 +175,10 @@ def main() -> None:
         shape = f"{name} (B {B}, T {T}, H {H}, K {K}{', packed' if packed else ''})"
         print(f"{label}  {shape:48s} f+b {sum(times.values()):.3f} ms | {top} | no-grad forward {forward_ms:.3f} ms",
               flush=True)
+        if args.json_lines:
+            with open(args.json_lines, "a") as out:
+                out.write(json.dumps({"shape": name, "fb_ms": sum(times.values()), "forward_ms": forward_ms,
+                                      "kernels_ms": times}) + "\n")
 
 
 if __name__ == "__main__":
