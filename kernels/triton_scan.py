@@ -282,11 +282,13 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       the number of walks: with 8 warps at K 128 (at 4 it spills 384 bytes), with 4 at K 64 (ViT-tiny's 768 walks:
       dh 0.128 ms with 2 warps, 0.105 with 4; vit_small's 1,536 a tie, 0.209 -> 0.204; twentieth session).
     - The dh walk pipelines 3 stages deep, and so does the states walk where its 64 x 64 tile programs would be
-      fewer than two per SM (the last branch below: T 8K, 16K). H100, triton 3.8, twenty-sixth session, ms per call
+      fewer than four per SM (T 8K, 256 of them; T 16K's cut walks, 512; the twenty-sixth session kept 3 for fewer
+      than two, which left T 16K at 2, twenty-seventh). H100, triton 3.8, twenty-sixth session, ms per call
       from 2 stages to 3: dh 0.667 -> 0.589 at T 2K, 0.669 -> 0.597 at T 1000, 0.599 -> 0.480 at T 8K, 0.506 ->
       0.464 at T 16K, packed 0.693 -> 0.644, ViT-tiny 0.107 -> 0.086, vit_small 0.205 -> 0.165; states 0.542 ->
       0.442 at T 8K, 0.377 -> 0.324 at T 16K, but packed (1,024 programs) 0.433 -> 0.471. 4 stages won less.
-      Float16, float32 and 256-wide heads: not measured.
+      Float16, float32 and 256-wide heads, and the states walk of 64-wide heads (which runs only to rebuild the
+      states, `recompute_states`, where their one-pass forward does not): not measured.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
@@ -305,7 +307,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
     whole_state_programs = walks * _cdiv(V, walk_BV)
-    walk_stages = 3 if kernel == "dh" else 2
+    walk_stages = 3 if kernel == "dh" or _wide_tile_programs(walks, K, V) < 4 * _sm_count(device) else 2
     if kernel == "dh" and dv_in_walk and BK in (64, 128):
         tiles = dict(BK=BK, BV=walk_BV, num_warps=8 if BK == 128 else 4, num_stages=3)
     elif (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed

@@ -459,13 +459,16 @@ def test_where_the_dh_walk_takes_dv():
 
 def test_walk_pipeline_stages():
     """`_tiles` on the H100's 132 SMs: the dh walk pipelines 3 stages deep at every shape measured, the states walk
-    only where its 64 x 64 tile programs would be fewer than two per SM (T 8K, B 4: 0.54 -> 0.44 ms); packed, with
-    1,024 programs, it lost (0.43 -> 0.47; twenty-sixth session)."""
+    only where its 64 x 64 tile programs would be fewer than four per SM (T 8K, B 4: 0.54 -> 0.44 ms; T 16K, B 2,
+    cut into 4 segments: 0.377 -> 0.324); packed, with 1,024 programs, it lost (0.43 -> 0.47; twenty-sixth
+    session), and the whole-state walk that rebuilds T 2K's states was not measured at 3."""
     stages = lambda kernel, walks, packed=False: triton_scan._tiles(kernel, 128, 128, torch.bfloat16, walks=walks,
                                                                      packed=packed)["num_stages"]
     assert [stages("dh", walks) for walks in (64, 256, 512)] == [3, 3, 3]
     assert stages("dh", 256, packed=True) == stages("states", 64) == 3
-    assert stages("states", 256, packed=True) == 2
+    segments = triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None)
+    assert segments == 4 and stages("states", 32 * segments) == 3
+    assert stages("states", 256, packed=True) == stages("states", 256) == 2
     assert triton_scan._tiles("dh", 64, 64, torch.bfloat16, walks=768, dv_in_walk=True)["num_stages"] == 3
 
 
