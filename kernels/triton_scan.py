@@ -309,7 +309,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
     whole_state_programs = walks * _cdiv(V, walk_BV)
     walk_stages = 3 if kernel == "dh" or _wide_tile_programs(walks, K, V) < 4 * _sm_count(device) else 2
     if kernel == "dh" and dv_in_walk and BK in (64, 128):
-        tiles = dict(BK=BK, BV=walk_BV, num_warps=8 if BK == 128 else 4, num_stages=3)
+        tiles = dict(BK=BK, BV=walk_BV, num_warps=8 if BK == 128 else 4, num_stages=walk_stages)
     elif (kernel in ("states", "dh") and BK == 128 and dtype != torch.float32 and chunk == CHUNK and not packed
             and _sm_count(device) < whole_state_programs <= 2 * _sm_count(device)):
         tiles = dict(BK=BK, BV=walk_BV, num_warps=4, num_stages=walk_stages)
@@ -319,7 +319,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
         tiles = dict(BK=min(32 if split_k else 64, BK), BV=walk_BV, num_warps=4 if wide_v else 2,
                      num_stages=walk_stages)
     elif kernel in ("states", "dh"):
-        tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=3)
+        tiles = dict(BK=min(32, BK), BV=walk_BV, num_warps=4, num_stages=walk_stages)
     elif kernel == "output" and BK <= 128 and dtype == torch.bfloat16:
         tiles = dict(BK=BK, BV=min(128 if chunk == CHUNK else 64, _block(V)), num_warps=4, num_stages=3)
         if chunk == CHUNK:
