@@ -35,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a package)
 
 KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "dh": "_bwd_dh_kernel",
-                "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel", "seed": "_fwd_seed_kernel"}
+                "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel", "seed": "_fwd_seed_kernel",
+                # the walks that find a seeded walk's seeds (`_one_pass_segments`: T 8K, 16K in training) share
+                # their Triton kernel with it: their rows time both, the seeded walk at its own tiles
+                "states_ends": "_fwd_states_kernel", "dh_ends": "_bwd_dh_kernel"}
 FORWARD_KERNELS = {"states", "output", "fused", "seed"}
 
 
@@ -53,6 +56,8 @@ WALK_CANDIDATES = (_grid(BK=[32, 64], BV=[32, 64], num_warps=[2, 4], num_stages=
 TWO_PER_SM = _grid(BK=[128], BV=[128], num_warps=[8], num_stages=[2], maxnreg=[128])
 CANDIDATES = {
     "states": WALK_CANDIDATES,
+    "states_ends": WALK_CANDIDATES,
+    "dh_ends": WALK_CANDIDATES,
     "dh": WALK_CANDIDATES + TWO_PER_SM,
     # maxnreg caps registers per thread so that more programs share an SM, at the price of spills: ptxas
     # (sm_90a) gives the output kernel 168 with 36 bytes (three 4-warp programs instead of two) or 128 with 264.
@@ -171,10 +176,12 @@ def main() -> None:
             # there are, counting the segments that few long walks are cut into.
             chunk = (triton_scan._forward_chunk(B, H, K, K, dtype, None, torch.device(device), backward=False)
                      if args.no_grad else args.chunk)
-            segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, chunk), B * H, K, K, False,
-                                                      torch.device(device))
-            dv_in_walk = not args.no_grad and triton_scan._scores_kept(B, T, H, K, K, dtype, None,
-                                                                       torch.device(device))
+            if kernel.endswith("_ends"):
+                segments = triton_scan._one_pass_segments(B, H, K, K, dtype, None, torch.device(device))
+            else:
+                segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, chunk), B * H, K, K, False,
+                                                          torch.device(device))
+            dv_in_walk = not args.no_grad and triton_scan._scores_kept(B, H, K, K, dtype, None, torch.device(device))
             default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device), chunk=chunk,
                                          dv_in_walk=dv_in_walk, backward=not args.no_grad)
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES

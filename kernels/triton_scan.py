@@ -110,23 +110,30 @@ def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
     return _cdiv(n_chunks, segment_chunks), segment_chunks
 
 
-def _seed_count(B: int, T: int, H: int, K: int, V: int, cu_seqlens: Tensor | None, device: torch.device,
-                chunk: int) -> int:
-    """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut."""
+def _seed_count(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
+                device: torch.device, chunk: int) -> int:
+    """Seeds a forward without saved states leaves for the backward: one per segment of each walk when cut (the
+    one-pass forward's cut, `_one_pass_segments`, where it runs; else the states walk's, `_segments`)."""
     if cu_seqlens is not None or _small_heads(K, V):
         return 0
-    n_segments, _ = _segment_layout(_cdiv(T, chunk), B * H, K, V, False, device)
+    n_chunks = _cdiv(T, chunk)
+    one_pass_segments = _one_pass_segments(B, H, K, V, dtype, cu_seqlens, device)
+    if one_pass_segments > 1:
+        n_segments = _cdiv(n_chunks, _cdiv(n_chunks, one_pass_segments))  # as `_Walks` cuts them
+    else:
+        n_segments, _ = _segment_layout(n_chunks, B * H, K, V, False, device)
     return B * H * n_segments if n_segments > 1 else 0
 
 
 class _Walks:
-    """How the sequential kernel `kernel` ("states" or "dh") walks the chunks: its tiles, the segments of each walk
-    (see `_segments`), the kernel arguments that say so and the buffers the segments hand to the carry pass.
-    What the carry pass hands on, `carry`: "rewrite" fixes every chunk state; "seeds" leaves them local and
-    stores each segment's true starting tile, its seed (the output kernel or `_fwd_seed_kernel` adds exp(D) seed);
-    "seeded" walks start each segment from the seeds a "seeds" forward left, so their states are exact with no
-    carry. The one-pass forward's segments (`n_segments`, `_one_pass_segments`) hand on their ends as the states
-    walk's do."""
+    """How the sequential kernel `kernel` ("states" or "dh", or their ends-only passes: `_tiles`) walks the chunks: its
+    tiles, the segments of each walk (see `_segments`), the kernel arguments that say so and the buffers the segments
+    hand to the carry pass. What the carry pass hands on, `carry`: "rewrite" fixes every chunk state; "seeds" leaves
+    them local and stores each segment's true starting tile, its seed (the output kernel or `_fwd_seed_kernel` adds
+    exp(D) seed); "seeded" walks start each segment from the seeds a "seeds" walk left, so their states are exact with
+    no carry. The one-pass forward's segments (`n_segments`, `_one_pass_segments`) hand on their ends as the states
+    walk's do, and so do the walks that store only their segments' ends (ENDS_ONLY) to find the seeds of a seeded
+    one."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
                  device: torch.device, carry: str, dv_in_walk: bool = False, n_segments: int | None = None):
@@ -145,7 +152,7 @@ class _Walks:
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device, layout.chunk, layout.is_varlen,
                             dv_in_walk)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
-        slots = layout.n_states if kernel == "states" else layout.n_chunks
+        slots = layout.n_states if kernel.startswith("states") else layout.n_chunks
         if self.segmented:
             self.chunk_decays = torch.empty(slots, H, K, dtype=torch.float32, device=device)
             self.segment_ends = torch.empty(walks * self.n_segments, K, V, dtype=torch.float32, device=device)
@@ -189,7 +196,7 @@ def _forward_chunk(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
     at 64 (sixteenth)."""
     if (backward or dtype != torch.bfloat16 or _block(max(K, V)) != 128
             or _fused_forward(B, H, K, V, dtype, cu_seqlens, device)
-            or _one_pass_segments(B, H, K, V, dtype, cu_seqlens, device, backward) > 1):
+            or _one_pass_segments(B, H, K, V, dtype, cu_seqlens, device) > 1):
         return CHUNK
     return INFERENCE_CHUNK
 
@@ -217,23 +224,32 @@ def _fused_forward(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlen
 
 
 def _one_pass_segments(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
-                       device: torch.device | None, backward: bool) -> int:
+                       device: torch.device | None) -> int:
     """Into how many segments the one-pass forward cuts each walk where the walks alone would leave at least half
-    the SMs idle: a forward without a backward (whose chunk states would need fixing) of bfloat16 128-wide heads of
-    equal lengths, which `_fused_forward` leaves to the two-pass forward. As many as give each SM one program (a
-    short sequence gets at most one a chunk, `_Walks`). 1: not cut (the one-pass or the two-pass forward)."""
-    if (backward or cu_seqlens is not None or dtype != torch.bfloat16 or _block(K) != 128 or _block(V) != 128
+    the SMs idle: bfloat16 128-wide heads of equal lengths, which `_fused_forward` leaves to the two-pass forward.
+    As many as give each SM one program (a short sequence gets at most one a chunk, `_Walks`). 1: not cut (the
+    one-pass or the two-pass forward).
+    - Without a backward each segment runs from zero and `_fwd_seed_kernel` adds the seeds to its outputs (H100,
+      twenty-sixth session: T 8K 0.86 -> 0.68 ms, T 16K 0.87 -> 0.74 against the two-pass forward).
+    - With one, the chunk states and scores must be exact as they are written: a states walk storing only its
+      segments' ends (ENDS_ONLY) and the carry pass find the seeds first, then each segment starts from its
+      own. The forward then keeps its scores, and the dh walk, cut and seeded the same way, takes dv from them
+      (`_scores_kept`). Not yet timed on a GPU (twenty-seventh session: estimated from the kernels' times at T 16K,
+      f+b 3.70 -> about 3.2 ms against the two-pass forward, the rewriting carry passes and dv in the grads
+      kernel)."""
+    if (cu_seqlens is not None or dtype != torch.bfloat16 or _block(K) != 128 or _block(V) != 128
             or _fused_forward(B, H, K, V, dtype, cu_seqlens, device)):
         return 1
     return max(1, _sm_count(device) // (B * H))
 
 
-def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
+def _scores_kept(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
                  device: torch.device) -> bool:
     """Whether a forward that a backward follows keeps its intra-chunk scores (bf16 [C, C] a chunk and head, 1/16
     of a 128 x 128 chunk state) for the dh walk, which then takes dv from them and from the state gradient in its
     registers, and the grads kernel skips dv: where the forward is the one-pass one and the dh walk holds the whole
-    K, not cut into segments (128-wide heads walk the whole state then, `_tiles`). H100, triton 3.8, kernel ms, two
+    K (128-wide heads walk the whole state then, `_tiles`). Where the one-pass forward is cut into segments, the dh
+    walk is cut the same way, seeded (`_one_pass_segments`). H100, triton 3.8, kernel ms, two
     rounds in one call against the kernels before (kernels/HISTORY.md, nineteenth session):
     - record shape, T 2K: grads 1.61 -> 1.27, dh walk 0.47 -> 0.66, one-pass forward 0.670 -> 0.695; f+b 2.76 ->
       2.64 (2.62 in `benchmarks/scan.py`); T 1K (B 32): 2.94 -> 2.81; T 4K (B 8): 2.80 -> 2.63;
@@ -246,10 +262,10 @@ def _scores_kept(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_
     (OWN_MMA_LOADS), dv still belongs in the walk (twenty-first session, f+b without -> with it): record 2.95 ->
     2.70, T 1K 3.14 -> 2.90, T 4K 2.99 -> 2.71, heads64 1.18 -> 1.07, ViT-tiny 0.475 -> 0.424, vit_small 0.889 ->
     0.812."""
-    if not _fused_forward(B, H, K, V, dtype, cu_seqlens, device):
+    if not (_fused_forward(B, H, K, V, dtype, cu_seqlens, device)
+            or _one_pass_segments(B, H, K, V, dtype, cu_seqlens, device) > 1):
         return False
-    n_segments, _ = _segment_layout(_cdiv(T, CHUNK), B * H, K, V, False, device)
-    return n_segments == 1 and _tiles("dh", K, V, dtype, B * H, device, dv_in_walk=True)["BK"] >= K
+    return _tiles("dh", K, V, dtype, B * H, device, dv_in_walk=True)["BK"] >= K
 
 
 TILE_OVERRIDES: dict[str, dict] = {}
@@ -258,10 +274,11 @@ TILE_OVERRIDES: dict[str, dict] = {}
 
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
            chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False, backward: bool = True) -> dict:
-    """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads", "fused", "seed") for a head
-    size and input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head) `walks` share
-    the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the `chunk`;
-    the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`); the one-pass
+    """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads", "fused", "seed"; "states_ends"
+    and "dh_ends", the walks that store only their segments' ends, take their walk's tiles and overrides of their own)
+    for a head size and input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head)
+    `walks` share the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the
+    `chunk`; the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`); the one-pass
     forward on whether a `backward` follows.
     Chosen by benchmarks/scan_sweep.py on the H100 (kernels/HISTORY.md, "v3.1 on the H100"):
     - states and dh run one program per (walk, K block, V block), up to 128 values of V wide: every V block
@@ -303,6 +320,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       grads kernel's state tiles are float32 (float32 and float16 inputs) at K 256 a 32-wide V block there (302
       KiB at 64); the grads kernel of bfloat16 pipelines only with loads of its own for the tensor cores (a race
       otherwise, in the code below)."""
+    overrides = TILE_OVERRIDES.get(kernel, {})
+    kernel = kernel.removesuffix("_ends")
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
     walk_BV = min(128, _block(V))
@@ -352,7 +371,7 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
             tiles.update(OWN_MMA_LOADS=True, num_stages=2 if BK == 128 and dv_in_walk else 3)
     else:
         raise ValueError(f"no tiles for kernel {kernel!r}")
-    return {**tiles, **TILE_OVERRIDES.get(kernel, {})}
+    return {**tiles, **overrides}
 
 
 @functools.cache
@@ -464,14 +483,17 @@ def _constexprs(q: Tensor, v: Tensor, lower_bound: Tensor | None, layout: _Layou
 def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tensor, final: Tensor, layout: _Layout,
                   common: dict, has_h0: bool, output_final_state: bool, seeds: Tensor, carry: str) -> _Walks:
     """The sequential states pass: every chunk's starting state into `states` (and the final state), exact, or
-    local with `seeds` (`_Walks`' `carry`)."""
+    local with `seeds` (`_Walks`' `carry`). A "seeded" pass cuts its walks as the forward that left the seeds did
+    (one per segment of each walk)."""
     _, T, H, K = f.shape
     V = v.shape[-1]
-    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device, carry)
+    n_segments = max(1, seeds.shape[0] // (layout.n_sequences * H)) if carry == "seeded" else None
+    walks = _Walks("states", layout, T, H, K, V, f.dtype, f.device, carry, n_segments=n_segments)
     _fwd_states_kernel[walks.grid](
         f, v, bound, h0, states, final, *walks.kernel_args(), seeds, layout.cu_seqlens, layout.state_offsets,
         f.stride(1), v.stride(1), T, walks.n_segments, walks.segment_chunks, HAS_H0=has_h0,
-        OUTPUT_FINAL=output_final_state, SEGMENTED=walks.segmented, SEEDED=walks.seeded, **walks.tiles, **common,
+        OUTPUT_FINAL=output_final_state, SEGMENTED=walks.segmented, SEEDED=walks.seeded, ENDS_ONLY=False,
+        **walks.tiles, **common,
     )
     walks.carry(states, seeds, final if output_final_state else None, layout, T, backward=False)
     return walks
@@ -508,38 +530,52 @@ def scan_fwd(
                 IS_VARLEN=layout.is_varlen, REVERSE=reverse, **_small_head_tiles(K, V),
             )
         return o, final, states, q.new_empty(0, K, V, dtype=_wide_dtype(q, K, V)), _no_scores(q, chunk)
-    one_pass_segments = _one_pass_segments(B, H, K, V, q.dtype, cu_seqlens, q.device, backward)
+    one_pass_segments = _one_pass_segments(B, H, K, V, q.dtype, cu_seqlens, q.device)
     if one_pass_segments > 1 or _fused_forward(B, H, K, V, q.dtype, cu_seqlens, q.device):
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
-        keep_scores = backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device)
+        keep_scores = backward and _scores_kept(B, H, K, V, q.dtype, cu_seqlens, q.device)
         scores = _empty(layout.n_chunks if keep_scores else 0, H, chunk, chunk, dtype=q.dtype, device=q.device)
         common = _constexprs(q, v, lower_bound, layout, reverse)
-        # A cut walk's segments hand on their ends as the states walk's do (its tiles for the carry pass).
-        walks = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=one_pass_segments)
+        # A cut walk's segments hand on their ends as the states walk's do (its tiles for the carry pass). Without
+        # a backward they run from zero and the seeds are added to their outputs afterwards; with one they start
+        # from seeds found first (`_one_pass_segments`).
+        walks = _Walks("states_ends" if backward else "states", layout, T, H, K, V, q.dtype, q.device, "seeds",
+                       n_segments=one_pass_segments)
+        seeded = backward and walks.segmented
+        seeds = _empty(N * H * walks.n_segments if walks.segmented else 0, K, V, dtype=states.dtype, device=q.device)
         tiles = _tiles("fused", K, V, q.dtype, backward=backward)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+            if seeded:  # the seeds first: the states walk storing only its segments' ends, then the carry pass
+                _fwd_states_kernel[walks.grid](
+                    f, v, bound, h0, dummy, dummy, *walks.kernel_args(), dummy, layout.cu_seqlens,
+                    layout.state_offsets, f.stride(1), v.stride(1), T, walks.n_segments, walks.segment_chunks,
+                    HAS_H0=initial_state is not None, OUTPUT_FINAL=False, SEGMENTED=True, SEEDED=False,
+                    ENDS_ONLY=True, **walks.tiles, **common,
+                )
+                walks.carry(dummy, seeds, None, layout, T, backward=False)
             _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
-                q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), layout.cu_seqlens,
+                q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, layout.cu_seqlens,
                 layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
                 walks.segment_chunks, HAS_H0=initial_state is not None,
-                OUTPUT_FINAL=output_final_state and not walks.segmented, STORE_STATES=save_states,
-                STORE_SCORES=keep_scores, SEGMENTED=walks.segmented, **tiles, **common,
+                OUTPUT_FINAL=output_final_state and (seeded or not walks.segmented), STORE_STATES=save_states,
+                STORE_SCORES=keep_scores, SEGMENTED=walks.segmented and not seeded, SEEDED=seeded, **tiles, **common,
             )
-            if walks.segmented:
-                seeds = _empty(N * H * walks.n_segments, K, V, dtype=states.dtype, device=q.device)
+            if walks.segmented and not seeded:
                 walks.carry(dummy, seeds, final if output_final_state else None, layout, T, backward=False)
                 _fwd_seed_kernel[(layout.n_chunks, H)](
                     q, f, bound, o, walks.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets,
                     layout.chunk_table, q.stride(1), f.stride(1), scale, T, walks.n_segments, walks.segment_chunks,
                     **_tiles("seed", K, V, q.dtype), **common,
                 )
-        return o, final, states, q.new_empty(0, K, V, dtype=states.dtype), scores
+        # The backward rebuilds chunk states it was not given from the seeds (`scan_states`).
+        seeds = seeds if seeded and not save_states else q.new_empty(0, K, V, dtype=states.dtype)
+        return o, final, states, seeds, scores
     # The output pass reads the chunk states back: they are stored even when the backward will not need them.
     # States kept for the backward must be exact; otherwise cut walks leave them local, and seeds to add.
     states = _empty(layout.n_states, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
     # Seeds in the states' type: every output program of a segment reads its seed again (from L2), and float32
     # seeds made the output kernel 44% slower (record shape, T 16K: 0.81 ms against 0.56; bfloat16 0.67).
-    seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk), K, V,
+    seeds = _empty(0 if save_states else _seed_count(B, T, H, K, V, q.dtype, cu_seqlens, q.device, chunk), K, V,
                    dtype=states.dtype, device=q.device)
     common = _constexprs(q, v, lower_bound, layout, reverse)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
@@ -577,8 +613,8 @@ def _(q, f, v, lower_bound, initial_state, cu_seqlens, scale, reverse, save_stat
     layout_states = _state_slots(B, T, cu_seqlens, chunk)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     V = v.shape[-1]
-    n_seeds = 0 if save_states or not backward else _seed_count(B, T, H, K, V, cu_seqlens, q.device, chunk)
-    n_scores = B * _cdiv(T, chunk) if backward and _scores_kept(B, T, H, K, V, q.dtype, cu_seqlens, q.device) else 0
+    n_seeds = 0 if save_states or not backward else _seed_count(B, T, H, K, V, q.dtype, cu_seqlens, q.device, chunk)
+    n_scores = B * _cdiv(T, chunk) if backward and _scores_kept(B, H, K, V, q.dtype, cu_seqlens, q.device) else 0
     return (
         q.new_empty(B, T, H, V),
         q.new_empty(N if output_final_state else 0, H, K, V, dtype=torch.float32),
@@ -645,19 +681,35 @@ def scan_bwd(
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     common = _constexprs(q, v, lower_bound, layout, reverse)
+    has_d_final = d_final is not None
+    d_final = d_final.float().contiguous() if has_d_final else dummy
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
+        # A walk that writes dv from the forward's scores is cut as the one-pass forward was, and seeded: a pass
+        # storing only its segments' ends and the carry pass find each segment's seed first (`_one_pass_segments`).
         dv_in_walk = scores.numel() > 0
-        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "rewrite", dv_in_walk=dv_in_walk)
-        if dv_in_walk and (walks.segmented or walks.tiles["BK"] < K):
+        n_segments = _one_pass_segments(B, H, K, V, q.dtype, cu_seqlens, q.device) if dv_in_walk else None
+        walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "seeded" if dv_in_walk else "rewrite",
+                       dv_in_walk=dv_in_walk, n_segments=n_segments)
+        if dv_in_walk and walks.tiles["BK"] < K:
             raise RuntimeError("scan_bwd: the forward kept its scores for a dh walk over the whole K, but this one "
-                               "splits K or is cut into segments: `_scores_kept` and `_tiles` disagree")
+                               "splits K: `_scores_kept` and `_tiles` disagree")
+        seeds = _empty(N * H * walks.n_segments if walks.seeded else 0, K, V, dtype=dstates.dtype, device=q.device)
+        if walks.seeded:
+            ends = _Walks("dh_ends", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=n_segments)
+            _bwd_dh_kernel[ends.grid](
+                q, f, do, bound, d_final, dummy, dummy, *ends.kernel_args(), dummy, dummy, dummy, dummy, dummy,
+                layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T, ends.n_segments,
+                ends.segment_chunks, HAS_DFINAL=has_d_final, WRITE_DH0=False, SEGMENTED=True, SEEDED=False,
+                ENDS_ONLY=True, WRITE_DV=False, **ends.tiles, **common,
+            )
+            ends.carry(dummy, seeds, None, layout, T, backward=True)
         q_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=q.dtype, device=q.device)
         f_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=f.dtype, device=q.device)
         _bwd_dh_kernel[walks.grid](
-            q, f, do, bound, dummy if d_final is None else d_final.float().contiguous(), dstates, dh0,
-            *walks.kernel_args(), q_by_time, f_by_time, scores, dv, layout.cu_seqlens, layout.state_offsets,
-            q.stride(1), f.stride(1), scale, T, walks.n_segments, walks.segment_chunks, HAS_DFINAL=d_final is not None,
-            WRITE_DH0=want_dh0, SEGMENTED=walks.segmented, WRITE_DV=dv_in_walk, **walks.tiles, **common,
+            q, f, do, bound, d_final, dstates, dh0, *walks.kernel_args(), seeds, q_by_time, f_by_time, scores, dv,
+            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T, walks.n_segments,
+            walks.segment_chunks, HAS_DFINAL=has_d_final, WRITE_DH0=want_dh0, SEGMENTED=walks.segmented,
+            SEEDED=walks.seeded, ENDS_ONLY=False, WRITE_DV=dv_in_walk, **walks.tiles, **common,
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         flags = _fallback_flags(layout, H, q.device)

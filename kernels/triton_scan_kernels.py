@@ -224,32 +224,45 @@ def _initial_tile(x, i_nh, state_tile, mask_kv, K: tl.constexpr, V: tl.constexpr
 
 
 @triton.jit
+def _segment_start(initial, seeds, i_nh, i_seg, walk_start, n_segments, state_tile, mask_kv, K: tl.constexpr,
+                   V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GIVEN: tl.constexpr, SEEDED: tl.constexpr):
+    """The float32 tile a sequential program starts its segment from: the given initial tile (h0, or the final
+    state's gradient for the dh walk) in the segment where the walk starts (`walk_start`), zeros in the others,
+    and with SEEDED the segment's seed (`_segment_carry_kernel`'s, zero where the walk starts), so that every
+    segment starts from its true state."""
+    S = tl.where(i_seg == walk_start, _initial_tile(initial, i_nh, state_tile, mask_kv, K, V, BK, BV, GIVEN), 0.0)
+    if SEEDED:
+        S += tl.load(seeds + (i_nh.to(tl.int64) * n_segments + i_seg) * K * V + state_tile, mask=mask_kv,
+                     other=0.0).to(tl.float32)
+    return S
+
+
+@triton.jit
 def _fwd_states_kernel(
     f, v, lower_bound, h0, states, final_state, chunk_decays, segment_ends, segment_decays, seeds, cu_seqlens,
     state_offsets, stride_f, stride_v, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, SEGMENTED: tl.constexpr,
-    SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE_DT: tl.constexpr,
+    SEEDED: tl.constexpr, ENDS_ONLY: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     """SEGMENTED: each segment from zero (see `_segments`), for `_segment_carry_kernel`. SEEDED: each segment from
-    its true starting tile, the seed a segmented forward left (`_Walks.carry`), so the chunk states are exact with
-    no carry pass: the backward's recomputation."""
+    its true starting tile, the seed a segmented walk left (`_Walks.carry`), so the chunk states are exact with
+    no carry pass: the backward's recomputation. ENDS_ONLY (with SEGMENTED): nothing a chunk, only the segments'
+    ends, from which the carry pass finds the seeds of a seeded one-pass forward (`_fwd_fused_kernel`)."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
     length = eos - bos
     offs_c = tl.arange(0, C)
-    S = tl.where(i_seg == 0, _initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0), 0.0)
-    if SEEDED:  # the first segment's seed is zero: it starts from the initial tile above
-        S += tl.load(seeds + (i_nh.to(tl.int64) * n_segments + i_seg) * K * V + state_tile, mask=mask_kv,
-                     other=0.0).to(tl.float32)
+    S = _segment_start(h0, seeds, i_nh, i_seg, 0, n_segments, state_tile, mask_kv, K, V, BK, BV, HAS_H0, SEEDED)
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
     n_chunks = tl.cdiv(length, C)
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for i_t in range(first, last):
-        _store_walk_step(states, chunk_decays, (state_off + i_t) * H + i_h, S, D, state_tile, mask_kv, offs_k, mask_k,
-                         i_v, K, V, SEGMENTED)
+        if not ENDS_ONLY:
+            _store_walk_step(states, chunk_decays, (state_off + i_t) * H + i_h, S, D, state_tile, mask_kv, offs_k,
+                             mask_k, i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
@@ -258,10 +271,11 @@ def _fwd_states_kernel(
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
-    if last == n_chunks:
-        # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
-        _store_walk_step(states, chunk_decays, (state_off + n_chunks) * H + i_h, S, D, state_tile, mask_kv, offs_k,
-                         mask_k, i_v, K, V, SEGMENTED)
+    if not ENDS_ONLY:
+        if last == n_chunks:
+            # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
+            _store_walk_step(states, chunk_decays, (state_off + n_chunks) * H + i_h, S, D, state_tile, mask_kv,
+                             offs_k, mask_k, i_v, K, V, SEGMENTED)
     if SEGMENTED:
         _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
                            mask_k, state_tile, mask_kv, K, V)
@@ -372,12 +386,12 @@ def _fwd_output_kernel(
 
 @triton.jit(do_not_specialize=["n_segments"])  # see the loop below
 def _fwd_fused_kernel(
-    q, f, v, lower_bound, h0, o, final_state, states, scores, chunk_decays, segment_ends, segment_decays, cu_seqlens,
-    state_offsets, stride_q, stride_f, stride_v, scale, T, n_segments, segment_chunks,
+    q, f, v, lower_bound, h0, o, final_state, states, scores, chunk_decays, segment_ends, segment_decays, seeds,
+    cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-    STORE_SCORES: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+    STORE_SCORES: tl.constexpr, SEGMENTED: tl.constexpr, SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
 ):
     """The forward in one pass: one program per (sequence, head, V block) walks the sequence's chunks in order
     holding its state tile in float32 registers (transposed, [BV, K]), and for each chunk writes the outputs from it
@@ -389,7 +403,9 @@ def _fwd_fused_kernel(
     SEGMENTED (a forward without a backward, too few walks to fill the GPU): each segment of a walk's chunks runs
     at once from a zero state (the first from the initial one), storing the gate sum D since its start at every
     chunk and its end for `_segment_carry_kernel`; its outputs then lack (q exp(G + D)) seed, which
-    `_fwd_seed_kernel` adds."""
+    `_fwd_seed_kernel` adds. SEEDED (a forward a backward follows, with as few walks): each segment starts from its
+    true state, the seed that a states walk storing only its segments' ends (ENDS_ONLY) and the carry pass found
+    first, so that its outputs, chunk states and scores are exact as written."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -400,15 +416,14 @@ def _fwd_fused_kernel(
     # The state is held transposed, [BV, BK]: the output's product then takes it as the tensor cores' left operand
     # straight from registers (o^T = S^T (q exp(G))^T), with M = BV rows, instead of staging it in shared memory.
     # It is stored transposed back (sm_90a spills 148 bytes a thread, against 192-264 with transposed offsets).
-    S_T = tl.trans(_initial_tile(h0, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_H0))
+    S_T = tl.trans(_segment_start(h0, seeds, i_nh, i_seg, 0, n_segments, state_tile, mask_kv, K, V, BK, BV, HAS_H0,
+                                  SEEDED))
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum since the segment's start
     n_chunks = tl.cdiv(length, C)
     # Whole walks too start at a chunk the compiler does not know (n_segments is never specialised to 1): with a
     # constant 0 the loop at 3 pipeline stages took 0.59 ms without grad at T 2K, with this 0.48 (H100, triton 3.8,
     # twenty-sixth session; 2 stages 0.56 either way).
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
-    if SEGMENTED:
-        S_T = tl.where(i_seg == 0, S_T, 0.0)
     for i_t in range(first, last):
         if SEGMENTED:
             _store_chunk_decay(chunk_decays, (state_off + i_t) * H + i_h, D, offs_k, mask_k, i_v, K)
@@ -436,10 +451,11 @@ def _fwd_fused_kernel(
     if SEGMENTED:
         _store_segment_end(tl.trans(S_T), D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
                            mask_k, state_tile, mask_kv, K, V)
+    ends_walk = last == n_chunks  # the walk's last segment (a whole walk is one)
     if STORE_STATES:  # and the slot after the last chunk, as the states kernel: none left unwritten
-        _store_state(states, (state_off + n_chunks) * H + i_h, tl.trans(S_T), state_tile, mask_kv, K, V)
+        _store_state(states, (state_off + n_chunks) * H + i_h, tl.trans(S_T), state_tile, mask_kv & ends_walk, K, V)
     if OUTPUT_FINAL:
-        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, tl.trans(S_T), mask=mask_kv)
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + state_tile, tl.trans(S_T), mask=mask_kv & ends_walk)
 
 
 @triton.jit
@@ -474,19 +490,23 @@ def _fwd_seed_kernel(
 
 @triton.jit
 def _bwd_dh_kernel(
-    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, q_by_time, f_by_time,
-    scores, dv, cu_seqlens, state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
+    q, f, do, lower_bound, d_final, dstates, dh0, chunk_decays, segment_ends, segment_decays, seeds, q_by_time,
+    f_by_time, scores, dv, cu_seqlens, state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
-    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
-    WRITE_DV: tl.constexpr,
+    SEEDED: tl.constexpr, ENDS_ONLY: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_DT: tl.constexpr, WRITE_DV: tl.constexpr,
 ):
     """Also copies q and f into `q_by_time`, `f_by_time` (see `_by_time`; the first V block of each K block writes
     them): the grads kernel reads them time-contiguous, and this walk reads every chunk of both anyway.
 
-    WRITE_DV (a walk over the whole K, not cut into segments, after a one-pass forward that kept its intra-chunk
+    WRITE_DV (a walk over the whole K, whole or SEEDED, after a one-pass forward that kept its intra-chunk
     `scores`): dv = A^T do + (k exp(G_C - G)) dS as well, from the chunk-end state gradient dS in registers, and
-    the grads kernel skips it (`_scores_kept` in kernels/triton_scan.py says where, and what it gained)."""
+    the grads kernel skips it (`_scores_kept` in kernels/triton_scan.py says where, and what it gained).
+
+    SEGMENTED, SEEDED and ENDS_ONLY as in the states walk (`_fwd_states_kernel`), from the sequence's end: a cut
+    walk that writes dv must write exact state gradients as it goes, so a pass storing only its segments' ends
+    and the carry pass find each segment's seed first."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -495,24 +515,26 @@ def _bwd_dh_kernel(
     offs_c = tl.arange(0, C)
     # Held transposed, [BV, BK], as the one-pass forward holds its state: dv's product takes it from registers.
     tile_T, mask_T = offs_v[:, None] + offs_k[None, :] * V, mask_v[:, None] & mask_k[None, :]
-    dS_T = tl.trans(tl.where(i_seg == n_segments - 1,
-                             _initial_tile(d_final, i_nh, state_tile, mask_kv, K, V, BK, BV, HAS_DFINAL), 0.0))
+    dS_T = tl.trans(_segment_start(d_final, seeds, i_nh, i_seg, n_segments - 1, n_segments, state_tile, mask_kv, K, V,
+                                   BK, BV, HAS_DFINAL, SEEDED))
     D = tl.zeros([BK], dtype=tl.float32)  # gate sum from the chunk's end to the segment's end
     n_chunks = tl.cdiv(length, C)
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for j in range(0, last - first):
         i_t = last - 1 - j
-        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS_T, D, tile_T, mask_T, offs_k,
-                         mask_k, i_v, K, V, SEGMENTED)
+        if not ENDS_ONLY:
+            _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS_T, D, tile_T, mask_T, offs_k,
+                             mask_k, i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
-        if i_v == 0:  # one V block writes the copies; the others skip their transposes too
-            by_time = _by_time(chunk_off + i_t, offs_c, i_h, offs_k, H, K, C)
-            # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
-            tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
-            tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
+        if not ENDS_ONLY:
+            if i_v == 0:  # one V block writes the copies; the others skip their transposes too
+                by_time = _by_time(chunk_off + i_t, offs_c, i_h, offs_k, H, K, C)
+                # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
+                tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
+                tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
         _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
         mask_cv = valid[:, None] & mask_v[None, :]
         do_T = tl.trans(_load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv))
@@ -528,8 +550,8 @@ def _bwd_dh_kernel(
     if SEGMENTED:
         _store_segment_end(dS_T, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k,
                            tile_T, mask_T, K, V)
-    elif WRITE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + tile_T, dS_T, mask=mask_T)
+    elif WRITE_DH0:  # by the segment where the walk ends (a whole walk is one)
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + tile_T, dS_T, mask=mask_T & (i_seg == 0))
 
 
 @triton.jit

@@ -424,8 +424,7 @@ def test_cut_one_pass_forward_matches_the_oracle(case, K, monkeypatch):
     """The one-pass forward without grad, each walk cut into segments run at once (`_one_pass_segments`), forced
     whatever the size and dtype; the two-pass forward's kernels barred. The seeds the carry pass hands on reach the
     outputs (`_fwd_seed_kernel`) and the final state."""
-    monkeypatch.setattr(triton_scan, "_one_pass_segments",
-                        lambda B, H, K, V, dtype, cu_seqlens, device, backward: 3)
+    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
     monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
     monkeypatch.setattr(triton_scan, "_fwd_output_kernel", None)
     dtype = torch.bfloat16 if GPU else (torch.float16 if K == 128 else torch.float32)
@@ -433,24 +432,80 @@ def test_cut_one_pass_forward_matches_the_oracle(case, K, monkeypatch):
 
 
 def test_where_the_one_pass_forward_is_cut():
-    """On the H100's 132 SMs (H 16, 128-wide bf16 heads, no backward): from 66 walks or fewer (T 8K, B 4: 2
-    segments; T 16K, B 2: 4), not where the walks fill the GPU or a backward follows."""
-    cut = lambda B, backward=False, dtype=torch.bfloat16: triton_scan._one_pass_segments(
-        B, 16, 128, 128, dtype, None, None, backward)
+    """On the H100's 132 SMs (H 16, 128-wide bf16 heads): from 66 walks or fewer (T 8K, B 4: 2 segments; T 16K, B
+    2: 4), not where the walks fill the GPU, nor in float16."""
+    cut = lambda B, dtype=torch.bfloat16: triton_scan._one_pass_segments(B, 16, 128, 128, dtype, None, None)
     assert [cut(B) for B in (1, 2, 4, 5, 8)] == [8, 4, 2, 1, 1]
-    assert cut(4, backward=True) == cut(4, dtype=torch.float16) == 1
+    assert cut(4, dtype=torch.float16) == 1
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(grid=grid, **kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+TRAINING_CUT_CASES = {  # 3 segments a walk, the last of one chunk; the segments' seeds and both boundary states
+    "T 150, states kept": dict(T=150),
+    "T 150, states recomputed": dict(T=150, recompute_states=True),
+    "reverse, gates near 0": dict(T=100, reverse=True, gate_shift=-20.0, bounded=False),
+    "reverse, more heads, recomputed": dict(B=3, T=130, H=5, reverse=True, recompute_states=True,
+                                            initial_state=False),
+    "whole 128-wide state, float16": dict(B=1, T=100, H=1, K=128, dtype=torch.float16),
+}
+
+
+@pytest.mark.skipif(GPU, reason="the GPU matrix's head dim 128 cases run it where the dispatch takes it")
+@pytest.mark.parametrize("case", TRAINING_CUT_CASES, ids=list(TRAINING_CUT_CASES))
+def test_training_through_the_cut_one_pass_forward(case, monkeypatch):
+    """With a backward, the cut one-pass forward's segments start from seeds found first (a states walk storing
+    only its segments' ends, then the carry pass), so its chunk states and scores are exact as written; the dh
+    walk is cut and seeded the same way and writes dv from the scores (`_one_pass_segments`). Forced here whatever
+    the size and dtype, with the two-pass forward's output kernel barred: poisoned outputs show what is left
+    unwritten, and the float64 loop what is wrong."""
+    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
+    monkeypatch.setattr(triton_scan, "_fwd_output_kernel", None)
+    spies = {name: LaunchSpy(getattr(triton_scan, name)) for name in ("_fwd_states_kernel", "_fwd_fused_kernel",
+                                                                      "_bwd_dh_kernel", "_bwd_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(triton_scan, name, spy)
+    options = dict(TRAINING_CUT_CASES[case])
+    dtype = options.pop("dtype", torch.float32)
+    assert_close_to_oracle(compare_with_oracle(dtype=dtype, **options), dtype)
+
+    launches = {name: [{key: launch[key] for key in ("SEGMENTED", "SEEDED", "ENDS_ONLY", "WRITE_DV")
+                        if key in launch} for launch in spy.launches] for name, spy in spies.items()}
+    # the seed passes, then the seeded walks; recomputing, the backward's states walk starts from the same seeds
+    ends_only = dict(SEGMENTED=True, SEEDED=False, ENDS_ONLY=True)
+    seeded = dict(SEGMENTED=False, SEEDED=True, ENDS_ONLY=False)
+    recomputed = [seeded] if options.get("recompute_states") else []
+    assert launches["_fwd_states_kernel"] == [ends_only] + recomputed
+    assert launches["_fwd_fused_kernel"] == [dict(SEGMENTED=False, SEEDED=True)]
+    assert launches["_bwd_dh_kernel"] == [dict(ends_only, WRITE_DV=False), dict(seeded, WRITE_DV=True)]
+    assert all(launch == dict(WRITE_DV=False) for launch in launches["_bwd_kernel"])
+    n_chunks = -(-options["T"] // triton_scan.CHUNK)
+    segments = -(-n_chunks // -(-n_chunks // 3))  # 3 asked, none left empty: 5 chunks take 3, 4 chunks 2
+    walks = options.get("B", 2) * options.get("H", 2)
+    assert spies["_fwd_fused_kernel"].launches[0]["grid"] == (walks * segments,)
 
 
 def test_where_the_dh_walk_takes_dv():
-    """`_scores_kept` on the H100's 132 SMs: where the one-pass forward runs, and then the dh walk holds the whole K
-    uncut (the record shape at T 1K to 4K walks the whole state; 64-wide heads, which without dv would split K
-    at the ViT-tiny's 768 walks and the LM's 256, walk 64 x 64 tiles), not without the one-pass forward (T 8K and
-    16K, float16, 64-wide heads of too few walks)."""
-    kept = lambda B, T, H, K, dtype=torch.bfloat16: triton_scan._scores_kept(B, T, H, K, K, dtype, None, None)
-    assert all([kept(32, 1024, 16, 128), kept(16, 2048, 16, 128), kept(8, 4096, 16, 128), kept(256, 256, 6, 64)])
-    assert all([kept(256, 256, 3, 64), kept(16, 2048, 16, 64)])
-    assert not any([kept(4, 8192, 16, 128), kept(2, 16384, 16, 128), kept(2, 16384, 16, 64)])
-    assert not kept(16, 2048, 16, 128, dtype=torch.float16)
+    """`_scores_kept` on the H100's 132 SMs: where the one-pass forward runs, whole or cut, and then the dh walk
+    holds the whole K (the record shape walks the whole state: whole walks at T 1K to 4K, cut and seeded at 8K and
+    16K; 64-wide heads, which without dv would split K at the ViT-tiny's 768 walks and the LM's 256, walk 64 x 64
+    tiles), not without the one-pass forward (float16, 64-wide heads of too few walks)."""
+    kept = lambda B, H, K, dtype=torch.bfloat16: triton_scan._scores_kept(B, H, K, K, dtype, None, None)
+    assert all([kept(32, 16, 128), kept(16, 16, 128), kept(8, 16, 128), kept(4, 16, 128), kept(2, 16, 128)])
+    assert all([kept(256, 6, 64), kept(256, 3, 64), kept(16, 16, 64)])
+    assert not kept(2, 16, 64)
+    assert not kept(16, 16, 128, dtype=torch.float16)
     for K, walks in [(128, 512), (64, 768), (64, 256)]:
         tiles = triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks, dv_in_walk=True)
         assert (tiles["BK"], tiles["BV"]) == (K, K), (K, walks)
@@ -495,7 +550,7 @@ def test_the_dh_walk_takes_dv_from_the_forwards_scores(case, monkeypatch):
     monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
     options = DV_IN_WALK_CASES[case]
     dtype, K = options.get("dtype", torch.float32), options.get("K", 16)
-    assert triton_scan._scores_kept(options.get("B", 2), options["T"], 2, K, K, dtype, None, None)
+    assert triton_scan._scores_kept(options.get("B", 2), 2, K, K, dtype, None, None)
     assert_close_to_oracle(compare_with_oracle(**options), dtype)
 
 
@@ -551,6 +606,9 @@ GPU_CASES = {
     "B*H 1": dict(B=1, H=1, T=300), "B*H 256": dict(B=16, H=16, T=200, K=128),  # the sequential kernels' wide tiles
     "B*H 512": dict(B=32, H=16, T=100, K=128),  # the whole state walked with dv (`_scores_kept`) at 4 walks per SM
     "head dim 128": dict(T=300, K=128), "head dim 256": dict(T=200, K=256, H=1),
+    # bfloat16: 2 walks, the one-pass forward cut into 64 segments, seeded, and the dh walk so (`_one_pass_segments`)
+    "head dim 128, T 16384": dict(B=1, T=16384, H=2, K=128),
+    "head dim 128, T 16384 reverse recomputed": dict(B=1, T=16384, H=2, K=128, reverse=True, recompute_states=True),
     "head dims 1, 2, 4, 8": dict(T=500, K=4, H=4),
     "gates near 0": dict(T=500, gate_shift=-20.0, bounded=False),
     "gates near 1": dict(T=500, gate_shift=8.0),
