@@ -152,7 +152,8 @@ class _Walks:
         self.tiles = _tiles(kernel, K, V, dtype, walks * self.n_segments, device, layout.chunk, layout.is_varlen,
                             dv_in_walk)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
-        slots = layout.n_states if kernel.startswith("states") else layout.n_chunks
+        slots = layout.n_states if kernel == "states" else layout.n_chunks
+        slots = 0 if kernel.endswith("_ends") else slots  # the ends-only walks write no chunk's gate sum
         if self.segmented:
             self.chunk_decays = torch.empty(slots, H, K, dtype=torch.float32, device=device)
             self.segment_ends = torch.empty(walks * self.n_segments, K, V, dtype=torch.float32, device=device)
