@@ -179,31 +179,46 @@ KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_fwd
            "_bwd_dh_kernel": "dh", "_bwd_kernel": "grads"}
 
 
-def _one_pass(B: int) -> bool:
-    return triton_scan._fused_forward(B, H, D, D, torch.bfloat16, None, torch.device("cuda"))
+def _dispatch(B: int, name: str, *args) -> int:
+    """What `triton_scan`'s dispatch function `name` decides for B sequences of the card's bf16 heads."""
+    return getattr(triton_scan, name)(B, H, D, D, torch.bfloat16, None, torch.device("cuda"), *args)
 
 
 def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool = True) -> dict[str, float]:
-    """Bytes each of the kernels the dispatch runs must move: every tensor it reads or writes once, the chunk
-    states (or their gradients) once per chunk of `chunk` tokens, all bf16."""
+    """Bytes each kernel the dispatch runs must move (summed where it runs twice: the cut walks' ends-only and
+    seeded passes): every tensor it reads or writes once, the chunk states (or their gradients) and the kept
+    intra-chunk scores once per chunk of `chunk` tokens, all bf16; the segments' ends and seeds are left out."""
     n = B * T * H
     row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
     states = n / chunk * D * D * 2
-    # the one-pass forward: q, f, i in; o, and the states where a backward follows, out
-    forward = {"_fwd_fused_kernel": n * 4 * row + states * backward} if _one_pass(B) else {
-        "_fwd_states_kernel": n * 2 * row + states,  # f, i in; states out
-        "_fwd_output_kernel": n * 4 * row + states,  # q, f, i, states in; o out
-    }
-    return forward if not backward else {
+    segments = _dispatch(B, "_one_pass_segments")
+    scores = n * chunk * 2 if backward and _dispatch(B, "_scores_kept") else 0  # [C, C] a chunk and head
+    if _dispatch(B, "_fused_forward") or segments > 1:
+        # q, f, i in; o, and where a backward follows the states and scores, out
+        forward = {"_fwd_fused_kernel": n * 4 * row + (states + scores) * backward}
+        if segments > 1 and backward:
+            forward["_fwd_states_kernel"] = n * 2 * row  # the ends-only walk: f, i in
+        elif segments > 1:  # q, f, o in, o out, past each walk's first segment
+            forward["_fwd_seed_kernel"] = (1 - 1 / segments) * n * 4 * row
+    else:
+        forward = {"_fwd_states_kernel": n * 2 * row + states,  # f, i in; states out
+                   "_fwd_output_kernel": n * 4 * row + states}  # q, f, i, states in; o out
+    if not backward:
+        return forward
+    dv = n * row if scores else 0
+    return {
         **forward,
-        "_bwd_dh_kernel": n * 3 * row + states,  # q, f, do in; state gradients out
-        "_bwd_kernel": n * 7 * row + 2 * states,  # q, f, i, do, states, state gradients in; dq, df, di out
+        # q, f, do in (the ends-only pass of a cut walk too); q and f copied out time-contiguous, state gradients
+        # out; where the scores were kept, them in and dv out
+        "_bwd_dh_kernel": n * 3 * row * (1 + (segments > 1)) + n * 2 * row + states + scores + dv,
+        # the copies of q and f, i, do, states, state gradients in; dq, df and dv (unless the walk wrote it) out
+        "_bwd_kernel": n * 7 * row + 2 * states - dv,
     }
 
 
 def traffic_bytes(T: int, B: int) -> dict:
     """Bytes of the forward without grad (at its own chunk) and of forward + backward."""
-    chunk = triton_scan._forward_chunk(B, H, D, D, torch.bfloat16, None, torch.device("cuda"), backward=False)
+    chunk = _dispatch(B, "_forward_chunk", False)
     return {"fwd": sum(kernel_bytes(T, B, chunk, backward=False).values()),
             "fwdbwd": sum(kernel_bytes(T, B).values())}
 
