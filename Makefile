@@ -39,8 +39,9 @@ GPU_ENV := python3 -m pip install -q --no-index --no-deps --no-compile --upgrade
 	{ test ! -f $(DEVICE_TRITON) || tar -xJf $(DEVICE_TRITON) -C /tmp/triton-pin; } && \
 	export PYTHONPATH=/tmp/triton-pin:/tmp/hgrn2-site:$(CURDIR) PYTHONUNBUFFERED=1 &&
 
+# Where a command's time is limited (the device tool: 10 minutes), in parts: SHARD=1/3, then 2/3 and 3/3.
 test-gpu:
-	$(GPU_ENV) python3 -m pytest -q -m gpu
+	$(GPU_ENV) python3 -m pytest -q -m gpu $(if $(SHARD),--shard $(SHARD))
 
 # Every single-GPU benchmark, each writing its results under benchmarks/results. fla's autotuning takes minutes
 # per shape: the scan's is kept in benchmarks/fla-tuning, but fla's model in the training and generation baselines

@@ -18,3 +18,25 @@ def compile_through_aot_eager(monkeypatch):
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))
     torch._dynamo.reset()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="I/N", help="run the I-th of N interleaved parts of the selected tests "
+                                                    "(`make test-gpu SHARD=1/3`: each part fits a time-limited call)")
+
+
+def shard(items: list, spec: str) -> tuple[list, list]:
+    """The tests of part I of N (`spec` "I/N", from 1), every N-th from the I-th so that each parametrized matrix
+    spreads over all parts, and the others."""
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise pytest.UsageError(f"--shard {spec!r}: expected I/N with 1 <= I <= N, e.g. --shard 1/3")
+    kept = items[int(index) - 1::int(count)]
+    return kept, [item for position, item in enumerate(items) if position % int(count) != int(index) - 1]
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected theirs
+def pytest_collection_modifyitems(config, items):
+    if spec := config.getoption("--shard"):
+        items[:], deselected = shard(items, spec)
+        config.hook.pytest_deselected(items=deselected)
