@@ -101,13 +101,18 @@ def _segments(n_chunks: int, walks: int, K: int, V: int, device: torch.device | 
     return max(1, min(4 * _sm_count(device) // programs, n_chunks // MIN_SEGMENT_CHUNKS))
 
 
-def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
-                    device: torch.device | None) -> tuple[int, int]:
-    """How many segments each walk is cut into and how many chunks each segment walks (`_segments`; none left
-    empty, packed sequences walked whole)."""
-    n_segments = 1 if is_varlen else _segments(n_chunks, walks, K, V, device)
+def _cut(n_chunks: int, n_segments: int) -> tuple[int, int]:
+    """A walk of `n_chunks` cut into at most `n_segments` equal segments, none left empty: how many, and how many
+    chunks each walks (the last may walk fewer)."""
     segment_chunks = _cdiv(n_chunks, n_segments)
     return _cdiv(n_chunks, segment_chunks), segment_chunks
+
+
+def _segment_layout(n_chunks: int, walks: int, K: int, V: int, is_varlen: bool,
+                    device: torch.device | None) -> tuple[int, int]:
+    """How many segments each walk is cut into and how many chunks each segment walks (`_segments`, `_cut`;
+    packed sequences walked whole)."""
+    return _cut(n_chunks, 1 if is_varlen else _segments(n_chunks, walks, K, V, device))
 
 
 def _seed_count(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None,
@@ -119,7 +124,7 @@ def _seed_count(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_s
     n_chunks = _cdiv(T, chunk)
     one_pass_segments = _one_pass_segments(B, H, K, V, dtype, cu_seqlens, device)
     if one_pass_segments > 1:
-        n_segments = _cdiv(n_chunks, _cdiv(n_chunks, one_pass_segments))  # as `_Walks` cuts them
+        n_segments, _ = _cut(n_chunks, one_pass_segments)
     else:
         n_segments, _ = _segment_layout(n_chunks, B * H, K, V, False, device)
     return B * H * n_segments if n_segments > 1 else 0
@@ -143,8 +148,7 @@ class _Walks:
         if n_segments is None:
             self.n_segments, segment_chunks = _segment_layout(n_chunks, walks, K, V, layout.is_varlen, device)
         else:  # the one-pass forward's own cut (`_one_pass_segments`)
-            segment_chunks = _cdiv(n_chunks, n_segments)
-            self.n_segments = _cdiv(n_chunks, segment_chunks)
+            self.n_segments, segment_chunks = _cut(n_chunks, n_segments)
         self.carries_seeds = carry == "seeds"
         self.seeded = carry == "seeded" and self.n_segments > 1
         self.segmented = self.n_segments > 1 and not self.seeded
