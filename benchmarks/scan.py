@@ -185,8 +185,8 @@ def _dispatch(B: int, name: str, *args) -> int:
 
 
 def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool = True) -> dict[str, float]:
-    """Bytes each kernel the dispatch runs must move (summed where it runs twice: the cut walks' ends-only and
-    seeded passes): every tensor it reads or writes once, the chunk states (or their gradients) and the kept
+    """Bytes each kernel the dispatch runs must move (summed where it runs twice: the segment ends of a seeded forward
+    and backward): every tensor it reads or writes once, the chunk states (or their gradients) and the kept
     intra-chunk scores once per chunk of `chunk` tokens, all bf16; the segments' ends and seeds are left out."""
     n = B * T * H
     row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
@@ -196,8 +196,8 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     if _dispatch(B, "_fused_forward") or segments > 1:
         # q, f, i in; o, and where a backward follows the states and scores, out
         forward = {"_fwd_fused_kernel": n * 4 * row + (states + scores) * backward}
-        if segments > 1 and backward:
-            forward["_fwd_states_kernel"] = n * 2 * row  # the ends-only walk: f, i in
+        if segments > 1 and backward:  # the seeds' segment ends: f, i in, and then the backward's q, f, do
+            forward["_segment_ends_kernel"] = n * 2 * row + n * 3 * row
         elif segments > 1:  # q, f, o in, o out, past each walk's first segment
             forward["_fwd_seed_kernel"] = (1 - 1 / segments) * n * 4 * row
     else:
@@ -208,9 +208,9 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     dv = n * row if scores else 0
     return {
         **forward,
-        # q, f, do in (the ends-only pass of a cut walk too); q and f copied out time-contiguous, state gradients
-        # out; where the scores were kept, them in and dv out
-        "_bwd_dh_kernel": n * 3 * row * (1 + (segments > 1)) + n * 2 * row + states + scores + dv,
+        # q, f, do in; q and f copied out time-contiguous, state gradients out; where the scores were kept, them
+        # in and dv out
+        "_bwd_dh_kernel": n * 3 * row + n * 2 * row + states + scores + dv,
         # the copies of q and f, i, do, states, state gradients in; dq, df and dv (unless the walk wrote it) out
         "_bwd_kernel": n * 7 * row + 2 * states - dv,
     }

@@ -36,9 +36,10 @@ from scan import kernel_ms, relative  # noqa: E402  (benchmarks/ is not a packag
 
 KERNEL_NAMES = {"states": "_fwd_states_kernel", "output": "_fwd_output_kernel", "dh": "_bwd_dh_kernel",
                 "grads": "_bwd_kernel", "fused": "_fwd_fused_kernel", "seed": "_fwd_seed_kernel",
-                # the walks that find a seeded walk's seeds (`_one_pass_segments`: T 8K, 16K in training) share
-                # their Triton kernel with it: their rows time both, the seeded walk at its own tiles
-                "states_ends": "_fwd_states_kernel", "dh_ends": "_bwd_dh_kernel"}
+                # the segment ends that a seeded walk's seeds come from (`_one_pass_segments`: T 8K, 16K in
+                # training), forward and backward, are one Triton kernel: their rows time both, the other at its own
+                # tiles
+                "states_ends": "_segment_ends_kernel", "dh_ends": "_segment_ends_kernel"}
 FORWARD_KERNELS = {"states", "output", "fused", "seed"}
 
 

@@ -24,6 +24,7 @@ from kernels.triton_scan_kernels import (
     _fwd_seed_kernel,
     _fwd_states_kernel,
     _segment_carry_kernel,
+    _segment_ends_kernel,
 )
 from kernels.triton_scan_small import _small_bwd_kernel, _small_fwd_kernel
 
@@ -131,14 +132,13 @@ def _seed_count(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, cu_s
 
 
 class _Walks:
-    """How the sequential kernel `kernel` ("states" or "dh", or their ends-only passes: `_tiles`) walks the chunks: its
+    """How the sequential kernel `kernel` ("states" or "dh", or their segment ends: `_tiles`) walks the chunks: its
     tiles, the segments of each walk (see `_segments`), the kernel arguments that say so and the buffers the segments
     hand to the carry pass. What the carry pass hands on, `carry`: "rewrite" fixes every chunk state; "seeds" leaves
     them local and stores each segment's true starting tile, its seed (the output kernel or `_fwd_seed_kernel` adds
     exp(D) seed); "seeded" walks start each segment from the seeds a "seeds" walk left, so their states are exact with
     no carry. The one-pass forward's segments (`n_segments`, `_one_pass_segments`) hand on their ends as the states
-    walk's do, and so do the walks that store only their segments' ends (ENDS_ONLY) to find the seeds of a seeded
-    one."""
+    walk's do, and so do the ends a seeded walk's seeds are found from (`find_seeds`)."""
 
     def __init__(self, kernel: str, layout: "_Layout", T: int, H: int, K: int, V: int, dtype: torch.dtype,
                  device: torch.device, carry: str, dv_in_walk: bool = False, n_segments: int | None = None):
@@ -157,7 +157,7 @@ class _Walks:
                             dv_in_walk)
         self.grid = (_state_programs(K, V, self.tiles, walks * self.n_segments),)
         slots = layout.n_states if kernel == "states" else layout.n_chunks
-        slots = 0 if kernel.endswith("_ends") else slots  # the ends-only walks write no chunk's gate sum
+        slots = 0 if kernel.endswith("_ends") else slots  # `find_seeds` writes no chunk's gate sum
         if self.segmented:
             self.chunk_decays = torch.empty(slots, H, K, dtype=torch.float32, device=device)
             self.segment_ends = torch.empty(walks * self.n_segments, K, V, dtype=torch.float32, device=device)
@@ -169,13 +169,24 @@ class _Walks:
         """The walk's arguments of the states and dh kernels (after their outputs), in their order."""
         return self.chunk_decays, self.segment_ends, self.segment_decays
 
+    def find_seeds(self, q: Tensor, f: Tensor, y: Tensor, bound: Tensor, initial: Tensor | None, seeds: Tensor,
+                   layout: "_Layout", T: int, scale: float, common: dict, backward: bool) -> None:
+        """The seeds of a seeded walk into `seeds`: each segment's end from zero (`_segment_ends_kernel`, y = v, or
+        do for the dh walk, whose `initial` is the final state's gradient), then the carry pass."""
+        _segment_ends_kernel[self.grid](
+            q, f, y, bound, q if initial is None else initial, self.segment_ends, self.segment_decays,
+            layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), y.stride(1), scale, T, self.n_segments,
+            self.segment_chunks, HAS_INITIAL=initial is not None, BACKWARD=backward, **self.tiles, **common,
+        )
+        self.carry(q.new_empty(0), seeds, None, layout, T, backward)
+
     def carry(self, chunk_states: Tensor, seeds: Tensor, boundary: Tensor | None, layout: "_Layout", T: int,
               backward: bool) -> None:
         """The carry pass of a segmented walk: fixes the chunk states or stores the seeds (`carry`), and writes
         the boundary state (final or dh0)."""
         if not self.segmented:
             return
-        tiles = {name: value for name, value in self.tiles.items() if name != "num_stages"}
+        tiles = {name: value for name, value in self.tiles.items() if name not in ("num_stages", "BT")}
         _segment_carry_kernel[self.grid](
             chunk_states, self.chunk_decays, self.segment_ends, self.segment_decays,
             boundary if boundary is not None else self.segment_ends, seeds, layout.cu_seqlens, layout.state_offsets,
@@ -236,8 +247,8 @@ def _one_pass_segments(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_se
     one-pass or the two-pass forward).
     - Without a backward each segment runs from zero and `_fwd_seed_kernel` adds the seeds to its outputs (H100,
       twenty-sixth session: T 8K 0.86 -> 0.68 ms, T 16K 0.87 -> 0.74 against the two-pass forward).
-    - With one, the chunk states and scores must be exact as they are written: a states walk storing only its
-      segments' ends (ENDS_ONLY) and the carry pass find the seeds first, then each segment starts from its
+    - With one, the chunk states and scores must be exact as they are written: the segments' ends
+      (`_segment_ends_kernel`) and the carry pass find the seeds first, then each segment starts from its
       own. The forward then keeps its scores, and the dh walk, cut and seeded the same way, takes dv from them
       (`_scores_kept`). Against the two-pass forward, the carry passes rewriting its states and dv in the grads
       kernel (H100, kernel ms, twenty-eighth session): f+b at T 8K 3.18 -> 3.10, at T 16K 3.65 -> 3.11; with
@@ -280,7 +291,7 @@ TILE_OVERRIDES: dict[str, dict] = {}
 def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, device: torch.device | None = None,
            chunk: int = CHUNK, packed: bool = False, dv_in_walk: bool = False, backward: bool = True) -> dict:
     """Tile sizes and launch options of one kernel ("states", "output", "dh", "grads", "fused", "seed"; "states_ends"
-    and "dh_ends", the walks that store only their segments' ends, take their walk's tiles and overrides of their own)
+    and "dh_ends", `_segment_ends_kernel` for a seeded walk's seeds, take their walk's tiles and overrides of their own)
     for a head size and input dtype; the sequential kernels (states, dh) also depend on how many (sequence, head)
     `walks` share the GPU's SMs and whether they are `packed` (of unequal lengths); they and the output kernel on the
     `chunk`; the dh walk and the grads kernel on whether the walk writes dv (`dv_in_walk`, `_scores_kept`); the one-pass
@@ -311,6 +322,9 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       0.442 at T 8K, 0.377 -> 0.324 at T 16K, but packed (1,024 programs) 0.433 -> 0.471. 4 stages won less.
       Float16, float32 and 256-wide heads, and the states walk of 64-wide heads (which runs only to rebuild the
       states, `recompute_states`, where their one-pass forward does not): not measured.
+    - The segment ends of seeded walks (`_segment_ends_kernel`) take their walk's tiles and steps of one chunk
+      (BT). H100, twenty-ninth session, both passes at T 8K (B 4): 0.48 ms; steps of 64 positions 0.51, of 128
+      0.99; 128 x 128 tiles of 8 warps 0.69, 32 x 128 0.75, 64 x 64 0.74; 8 warps 0.65; 2 stages 0.62.
     - output and grads hold the whole K: 8 warps where a [C, K] tile is 128 wide (with four, the grads
       kernel's tiles spill, ptxas -v), except the output kernel of bfloat16 inputs, fastest with a 128-wide
       V block and 4 warps (float16 holds its states in float32 there: 255 registers, not measured), capped at
@@ -326,6 +340,8 @@ def _tiles(kernel: str, K: int, V: int, dtype: torch.dtype, walks: int = 0, devi
       KiB at 64); the grads kernel of bfloat16 pipelines only with loads of its own for the tensor cores (a race
       otherwise, in the code below)."""
     overrides = TILE_OVERRIDES.get(kernel, {})
+    if kernel.endswith("_ends"):  # positions a step (`_segment_ends_kernel`)
+        overrides = {"BT": chunk, **overrides}
     kernel = kernel.removesuffix("_ends")
     BK, BV = _block(K), min(64, _block(V))
     wide = {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1 if BK >= 256 else 3}
@@ -497,8 +513,7 @@ def _store_states(f: Tensor, v: Tensor, bound: Tensor, h0: Tensor, states: Tenso
     _fwd_states_kernel[walks.grid](
         f, v, bound, h0, states, final, *walks.kernel_args(), seeds, layout.cu_seqlens, layout.state_offsets,
         f.stride(1), v.stride(1), T, walks.n_segments, walks.segment_chunks, HAS_H0=has_h0,
-        OUTPUT_FINAL=output_final_state, SEGMENTED=walks.segmented, SEEDED=walks.seeded, ENDS_ONLY=False,
-        **walks.tiles, **common,
+        OUTPUT_FINAL=output_final_state, SEGMENTED=walks.segmented, SEEDED=walks.seeded, **walks.tiles, **common,
     )
     walks.carry(states, seeds, final if output_final_state else None, layout, T, backward=False)
     return walks
@@ -550,14 +565,9 @@ def scan_fwd(
         seeds = _empty(N * H * walks.n_segments if walks.segmented else 0, K, V, dtype=states.dtype, device=q.device)
         tiles = _tiles("fused", K, V, q.dtype, backward=backward)
         with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-            if seeded:  # the seeds first: the states walk storing only its segments' ends, then the carry pass
-                _fwd_states_kernel[walks.grid](
-                    f, v, bound, h0, dummy, dummy, *walks.kernel_args(), dummy, layout.cu_seqlens,
-                    layout.state_offsets, f.stride(1), v.stride(1), T, walks.n_segments, walks.segment_chunks,
-                    HAS_H0=initial_state is not None, OUTPUT_FINAL=False, SEGMENTED=True, SEEDED=False,
-                    ENDS_ONLY=True, **walks.tiles, **common,
-                )
-                walks.carry(dummy, seeds, None, layout, T, backward=False)
+            if seeded:
+                walks.find_seeds(q, f, v, bound, h0 if initial_state is not None else None, seeds, layout, T, scale,
+                                 common, backward=False)
             _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
                 q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, layout.cu_seqlens,
                 layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
@@ -689,8 +699,8 @@ def scan_bwd(
     has_d_final = d_final is not None
     d_final = d_final.float().contiguous() if has_d_final else dummy
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():
-        # A walk that writes dv from the forward's scores is cut as the one-pass forward was, and seeded: a pass
-        # storing only its segments' ends and the carry pass find each segment's seed first (`_one_pass_segments`).
+        # A walk that writes dv from the forward's scores is cut as the one-pass forward was, and seeded: its
+        # segments' ends and the carry pass find each segment's seed first (`_one_pass_segments`).
         dv_in_walk = scores.numel() > 0
         n_segments = _one_pass_segments(B, H, K, V, q.dtype, cu_seqlens, q.device) if dv_in_walk else None
         walks = _Walks("dh", layout, T, H, K, V, q.dtype, q.device, "seeded" if dv_in_walk else "rewrite",
@@ -701,20 +711,15 @@ def scan_bwd(
         seeds = _empty(N * H * walks.n_segments if walks.seeded else 0, K, V, dtype=dstates.dtype, device=q.device)
         if walks.seeded:
             ends = _Walks("dh_ends", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=n_segments)
-            _bwd_dh_kernel[ends.grid](
-                q, f, do, bound, d_final, dummy, dummy, *ends.kernel_args(), dummy, dummy, dummy, dummy, dummy,
-                layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T, ends.n_segments,
-                ends.segment_chunks, HAS_DFINAL=has_d_final, WRITE_DH0=False, SEGMENTED=True, SEEDED=False,
-                ENDS_ONLY=True, WRITE_DV=False, **ends.tiles, **common,
-            )
-            ends.carry(dummy, seeds, None, layout, T, backward=True)
+            ends.find_seeds(q, f, do, bound, d_final if has_d_final else None, seeds, layout, T, scale, common,
+                            backward=True)
         q_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=q.dtype, device=q.device)
         f_by_time = _empty(layout.n_chunks, H, K, layout.chunk, dtype=f.dtype, device=q.device)
         _bwd_dh_kernel[walks.grid](
             q, f, do, bound, d_final, dstates, dh0, *walks.kernel_args(), seeds, q_by_time, f_by_time, scores, dv,
             layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), scale, T, walks.n_segments,
             walks.segment_chunks, HAS_DFINAL=has_d_final, WRITE_DH0=want_dh0, SEGMENTED=walks.segmented,
-            SEEDED=walks.seeded, ENDS_ONLY=False, WRITE_DV=dv_in_walk, **walks.tiles, **common,
+            SEEDED=walks.seeded, WRITE_DV=dv_in_walk, **walks.tiles, **common,
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         flags = _fallback_flags(layout, H, q.device)

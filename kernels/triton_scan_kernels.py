@@ -243,13 +243,12 @@ def _fwd_states_kernel(
     state_offsets, stride_f, stride_v, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, SEGMENTED: tl.constexpr,
-    SEEDED: tl.constexpr, ENDS_ONLY: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+    SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr,
 ):
     """SEGMENTED: each segment from zero (see `_segments`), for `_segment_carry_kernel`. SEEDED: each segment from
     its true starting tile, the seed a segmented walk left (`_Walks.carry`), so the chunk states are exact with
-    no carry pass: the backward's recomputation. ENDS_ONLY (with SEGMENTED): nothing a chunk, only the segments'
-    ends, from which the carry pass finds the seeds of a seeded one-pass forward (`_fwd_fused_kernel`)."""
+    no carry pass: the backward's recomputation."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -260,9 +259,8 @@ def _fwd_states_kernel(
     n_chunks = tl.cdiv(length, C)
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for i_t in range(first, last):
-        if not ENDS_ONLY:
-            _store_walk_step(states, chunk_decays, (state_off + i_t) * H + i_h, S, D, state_tile, mask_kv, offs_k,
-                             mask_k, i_v, K, V, SEGMENTED)
+        _store_walk_step(states, chunk_decays, (state_off + i_t) * H + i_h, S, D, state_tile, mask_kv, offs_k, mask_k,
+                         i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
@@ -271,11 +269,10 @@ def _fwd_states_kernel(
         v_t = _load_rows(v, rows, stride_v, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
         S = S * _exp(G_last)[:, None] + tl.dot(tl.trans(k_end), v_t.to(WIDE_DT), input_precision=PRECISION)
         D += G_last
-    if not ENDS_ONLY:
-        if last == n_chunks:
-            # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
-            _store_walk_step(states, chunk_decays, (state_off + n_chunks) * H + i_h, S, D, state_tile, mask_kv,
-                             offs_k, mask_k, i_v, K, V, SEGMENTED)
+    if last == n_chunks:
+        # The layout's slot after a sequence's last chunk is filled too: no slot of the buffer is left unwritten.
+        _store_walk_step(states, chunk_decays, (state_off + n_chunks) * H + i_h, S, D, state_tile, mask_kv, offs_k,
+                         mask_k, i_v, K, V, SEGMENTED)
     if SEGMENTED:
         _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k,
                            mask_k, state_tile, mask_kv, K, V)
@@ -404,8 +401,8 @@ def _fwd_fused_kernel(
     at once from a zero state (the first from the initial one), storing the gate sum D since its start at every
     chunk and its end for `_segment_carry_kernel`; its outputs then lack (q exp(G + D)) seed, which
     `_fwd_seed_kernel` adds. SEEDED (a forward a backward follows, with as few walks): each segment starts from its
-    true state, the seed that a states walk storing only its segments' ends (ENDS_ONLY) and the carry pass found
-    first, so that its outputs, chunk states and scores are exact as written."""
+    true state, the seed that the segments' ends (`_segment_ends_kernel`) and the carry pass found first, so that
+    its outputs, chunk states and scores are exact as written."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -494,8 +491,8 @@ def _bwd_dh_kernel(
     f_by_time, scores, dv, cu_seqlens, state_offsets, stride_q, stride_f, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
-    SEEDED: tl.constexpr, ENDS_ONLY: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_DT: tl.constexpr, WRITE_DV: tl.constexpr,
+    SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_DT: tl.constexpr, WRITE_DV: tl.constexpr,
 ):
     """Also copies q and f into `q_by_time`, `f_by_time` (see `_by_time`; the first V block of each K block writes
     them): the grads kernel reads them time-contiguous, and this walk reads every chunk of both anyway.
@@ -504,9 +501,9 @@ def _bwd_dh_kernel(
     `scores`): dv = A^T do + (k exp(G_C - G)) dS as well, from the chunk-end state gradient dS in registers, and
     the grads kernel skips it (`_scores_kept` in kernels/triton_scan.py says where, and what it gained).
 
-    SEGMENTED, SEEDED and ENDS_ONLY as in the states walk (`_fwd_states_kernel`), from the sequence's end: a cut
-    walk that writes dv must write exact state gradients as it goes, so a pass storing only its segments' ends
-    and the carry pass find each segment's seed first."""
+    SEGMENTED and SEEDED as in the states walk (`_fwd_states_kernel`), from the sequence's end: a cut walk that
+    writes dv must write exact state gradients as it goes, so `_segment_ends_kernel` and the carry pass find each
+    segment's seed first."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
@@ -522,19 +519,17 @@ def _bwd_dh_kernel(
     first, last = _segment_range(i_seg, segment_chunks, n_chunks)
     for j in range(0, last - first):
         i_t = last - 1 - j
-        if not ENDS_ONLY:
-            _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS_T, D, tile_T, mask_T, offs_k,
-                             mask_k, i_v, K, V, SEGMENTED)
+        _store_walk_step(dstates, chunk_decays, (chunk_off + i_t) * H + i_h, dS_T, D, tile_T, mask_T, offs_k, mask_k,
+                         i_v, K, V, SEGMENTED)
         valid, rows = _chunk_rows(i_t, offs_c, length, bos, eos, C, REVERSE)
         mask_ck = valid[:, None] & mask_k[None, :]
         f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_ck)
         q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_ck)
-        if not ENDS_ONLY:
-            if i_v == 0:  # one V block writes the copies; the others skip their transposes too
-                by_time = _by_time(chunk_off + i_t, offs_c, i_h, offs_k, H, K, C)
-                # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
-                tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
-                tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
+        if i_v == 0:  # one V block writes the copies; the others skip their transposes too
+            by_time = _by_time(chunk_off + i_t, offs_c, i_h, offs_k, H, K, C)
+            # Whole chunks, zeros past the sequence's end (masked loads above): see `_by_time`.
+            tl.store(f_by_time + by_time, tl.trans(f_t), mask=mask_k[:, None])
+            tl.store(q_by_time + by_time, tl.trans(q_t), mask=mask_k[:, None])
         _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_ck, offs_c, C, 0, CUMSUM_BY_MATMUL=False)
         mask_cv = valid[:, None] & mask_v[None, :]
         do_T = tl.trans(_load_rows(do, rows, H * V, i_h, offs_v, V, mask_cv))
@@ -552,6 +547,56 @@ def _bwd_dh_kernel(
                            tile_T, mask_T, K, V)
     elif WRITE_DH0:  # by the segment where the walk ends (a whole walk is one)
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + tile_T, dS_T, mask=mask_T & (i_seg == 0))
+
+
+@triton.jit
+def _segment_ends_kernel(
+    q, f, y, lower_bound, initial, segment_ends, segment_decays, cu_seqlens, state_offsets, stride_q, stride_f,
+    stride_y, scale, T, n_segments, segment_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, HAS_BOUND: tl.constexpr, HAS_INITIAL: tl.constexpr, BACKWARD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+):
+    """What a segmented walk hands the carry pass (each segment's end from zero, and its gate sum), where nothing
+    else of it is wanted: the seeds of a seeded walk (`_one_pass_segments`). The states walk's ends (y = v; q is not
+    read) or, BACKWARD, the dh walk's (y = do: the state gradient at the segment's start in time).
+
+    Not walked: each position's term reaches the end decayed by the gate sum from it to the end, at most 1, so the
+    segment goes in BT-position steps from its end, the gate sum D of the steps already taken a [BK] vector, and
+    the [BK, BV] sum takes every step's product without the walk's rescaling, as a matmul's main loop does. No
+    chunk state is wanted, so a step may be wider than a chunk."""
+    (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
+     one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
+                                        HAS_BOUND, IS_VARLEN)
+    first, last = _segment_range(i_seg, segment_chunks, tl.cdiv(eos - bos, C))
+    start, end = first * C, tl.minimum(last * C, eos - bos)  # the segment's positions, in walk order
+    offs_t = tl.arange(0, BT)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    D = tl.zeros([BK], dtype=tl.float32)
+    for j in range(0, tl.cdiv(end - start, BT)):
+        if BACKWARD:  # the dh walk ends at the segment's start
+            p = start + j * BT + offs_t
+        else:
+            p = end - (j + 1) * BT + offs_t
+        valid = (p >= start) & (p < end)
+        rows = eos - 1 - p if REVERSE else bos + p
+        mask_tk = valid[:, None] & mask_k[None, :]
+        f_t = _load_rows(f, rows, stride_f, i_h, offs_k, K, mask_tk)
+        _, k, _, _, G, G_last = _chunk_gate(f_t, b, one_minus_b, mask_tk, offs_t, BT, 0, CUMSUM_BY_MATMUL=False)
+        if BACKWARD:
+            q_t = _load_rows(q, rows, stride_q, i_h, offs_k, K, mask_tk).to(tl.float32)
+            x_t = q_t * _exp(G + D[None, :]) * scale
+        else:
+            x_t = k * _exp(G_last[None, :] - G + D[None, :])
+        y_t = _load_rows(y, rows, stride_y, i_h, offs_v, V, valid[:, None] & mask_v[None, :])
+        S = tl.dot(tl.trans(x_t.to(WIDE_DT)), y_t.to(WIDE_DT), acc=S, input_precision=PRECISION)
+        D += G_last
+    if HAS_INITIAL:  # h0, or the final state's gradient, enters the segment where the walk starts
+        walk_start = n_segments - 1 if BACKWARD else 0
+        S += _exp(D)[:, None] * _segment_start(initial, initial, i_nh, i_seg, walk_start, n_segments, state_tile,
+                                               mask_kv, K, V, BK, BV, True, False)
+    _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k, state_tile,
+                       mask_kv, K, V)
 
 
 @triton.jit

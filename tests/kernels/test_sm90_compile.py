@@ -63,9 +63,9 @@ def test_every_launch_compiles_for_sm90_within_limits_moving_16bit_tiles_in_vect
             continue
         if case.startswith("bf16 K128 few heads"):  # 4 walks: the one-pass forward, cut and seeded in training
             recomputed = ["_fwd_states_kernel"] if "recomputed" in case else []
-            seeds = ["_segment_carry_kernel"]  # each seeded walk's seeds, from a walk storing only segment ends
-            expected = (["_fwd_states_kernel", *seeds, "_fwd_fused_kernel", *recomputed, "_bwd_dh_kernel", *seeds,
-                         "_bwd_dh_kernel"] + ["_bwd_kernel"] * 2)
+            seeds = ["_segment_ends_kernel", "_segment_carry_kernel"]  # each seeded walk's seeds
+            expected = (seeds + ["_fwd_fused_kernel", *recomputed] + seeds + ["_bwd_dh_kernel"]
+                        + ["_bwd_kernel"] * 2)
             assert names == expected, (case, names)
             continue
         # A training step launches each scan kernel once (the states walk twice when the backward recomputes

@@ -459,36 +459,41 @@ TRAINING_CUT_CASES = {  # 3 segments a walk, the last of one chunk; the segments
     "reverse, more heads, recomputed": dict(B=3, T=130, H=5, reverse=True, recompute_states=True,
                                             initial_state=False),
     "whole 128-wide state, float16": dict(B=1, T=100, H=1, K=128, dtype=torch.float16),
+    # segments of 2 chunks in steps of 4: a step cut at the segment's start (forward) or end (backward)
+    "segment ends in steps wider than a segment": dict(T=150, reverse=True, ends_step=128),
 }
 
 
 @pytest.mark.skipif(GPU, reason="the GPU matrix's head dim 128 cases run it where the dispatch takes it")
 @pytest.mark.parametrize("case", TRAINING_CUT_CASES, ids=list(TRAINING_CUT_CASES))
 def test_training_through_the_cut_one_pass_forward(case, monkeypatch):
-    """With a backward, the cut one-pass forward's segments start from seeds found first (a states walk storing
-    only its segments' ends, then the carry pass), so its chunk states and scores are exact as written; the dh
+    """With a backward, the cut one-pass forward's segments start from seeds found first (each segment's end from
+    zero, `_segment_ends_kernel`, then the carry pass), so its chunk states and scores are exact as written; the dh
     walk is cut and seeded the same way and writes dv from the scores (`_one_pass_segments`). Forced here whatever
     the size and dtype, with the two-pass forward's output kernel barred: poisoned outputs show what is left
     unwritten, and the float64 loop what is wrong."""
     monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
     monkeypatch.setattr(triton_scan, "_fwd_output_kernel", None)
-    spies = {name: LaunchSpy(getattr(triton_scan, name)) for name in ("_fwd_states_kernel", "_fwd_fused_kernel",
-                                                                      "_bwd_dh_kernel", "_bwd_kernel")}
+    spies = {name: LaunchSpy(getattr(triton_scan, name)) for name in ("_segment_ends_kernel", "_fwd_states_kernel",
+                                                                      "_fwd_fused_kernel", "_bwd_dh_kernel",
+                                                                      "_bwd_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(triton_scan, name, spy)
     options = dict(TRAINING_CUT_CASES[case])
     dtype = options.pop("dtype", torch.float32)
+    if "ends_step" in options:
+        step = {"BT": options.pop("ends_step")}
+        monkeypatch.setattr(triton_scan, "TILE_OVERRIDES", {"states_ends": step, "dh_ends": step})
     assert_close_to_oracle(compare_with_oracle(dtype=dtype, **options), dtype)
 
-    launches = {name: [{key: launch[key] for key in ("SEGMENTED", "SEEDED", "ENDS_ONLY", "WRITE_DV")
+    launches = {name: [{key: launch[key] for key in ("SEGMENTED", "SEEDED", "BACKWARD", "WRITE_DV")
                         if key in launch} for launch in spy.launches] for name, spy in spies.items()}
     # the seed passes, then the seeded walks; recomputing, the backward's states walk starts from the same seeds
-    ends_only = dict(SEGMENTED=True, SEEDED=False, ENDS_ONLY=True)
-    seeded = dict(SEGMENTED=False, SEEDED=True, ENDS_ONLY=False)
-    recomputed = [seeded] if options.get("recompute_states") else []
-    assert launches["_fwd_states_kernel"] == [ends_only] + recomputed
-    assert launches["_fwd_fused_kernel"] == [dict(SEGMENTED=False, SEEDED=True)]
-    assert launches["_bwd_dh_kernel"] == [dict(ends_only, WRITE_DV=False), dict(seeded, WRITE_DV=True)]
+    seeded = dict(SEGMENTED=False, SEEDED=True)
+    assert launches["_segment_ends_kernel"] == [dict(BACKWARD=False), dict(BACKWARD=True)]
+    assert launches["_fwd_states_kernel"] == ([seeded] if options.get("recompute_states") else [])
+    assert launches["_fwd_fused_kernel"] == [seeded]
+    assert launches["_bwd_dh_kernel"] == [dict(seeded, WRITE_DV=True)]
     assert all(launch == dict(WRITE_DV=False) for launch in launches["_bwd_kernel"])
     n_chunks = -(-options["T"] // triton_scan.CHUNK)
     segments = -(-n_chunks // -(-n_chunks // 3))  # 3 asked, none left empty: 5 chunks take 3, 4 chunks 2
