@@ -19,6 +19,8 @@ one fully parallel over them:
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
 With few (sequence, head) walks the two sequential passes cut each walk into segments run at once, joined
 by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan.py, `_segments` and `_Walks`).
+Where a cut walk must start each segment from its true state (seeded), the segments' ends come first, summed
+without a walk (`_segment_ends_kernel`).
 With many walks of small heads the forward is one pass instead (`_fwd_fused_kernel`: the states walk computing
 each chunk's outputs from the state in its registers; when: kernels/triton_scan.py, `_fused_forward`).
 
