@@ -595,8 +595,8 @@ def _segment_ends_kernel(
         D += G_last
     if HAS_INITIAL:  # h0, or the final state's gradient, enters the segment where the walk starts
         walk_start = n_segments - 1 if BACKWARD else 0
-        S += _exp(D)[:, None] * _segment_start(initial, initial, i_nh, i_seg, walk_start, n_segments, state_tile,
-                                               mask_kv, K, V, BK, BV, True, False)
+        initial_tile = _initial_tile(initial, i_nh, state_tile, mask_kv & (i_seg == walk_start), K, V, BK, BV, True)
+        S += _exp(D)[:, None] * initial_tile
     _store_segment_end(S, D, segment_ends, segment_decays, i_nh, i_seg, n_segments, i_v, offs_k, mask_k, state_tile,
                        mask_kv, K, V)
 
