@@ -22,7 +22,7 @@ def compile_through_aot_eager(monkeypatch):
 
 def pytest_addoption(parser):
     parser.addoption("--shard", metavar="I/N", help="run the I-th of N interleaved parts of the selected tests "
-                                                    "(`make test-gpu SHARD=1/3`: each part fits a time-limited call)")
+                                                    "(`make test-gpu` runs its parts in parallel processes)")
 
 
 def shard(items: list, spec: str) -> tuple[list, list]:

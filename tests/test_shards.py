@@ -1,4 +1,4 @@
-"""`--shard I/N` (tests/conftest.py), which splits `make test-gpu` over time-limited device calls."""
+"""`--shard I/N` (tests/conftest.py), which splits `make test-gpu` into parts that run in parallel processes."""
 
 import pytest
 
