@@ -40,8 +40,8 @@ GPU_ENV := python3 -m pip install -q --no-index --no-deps --no-compile --upgrade
 	export PYTHONPATH=/tmp/triton-pin:/tmp/hgrn2-site:$(CURDIR) PYTHONUNBUFFERED=1 &&
 
 # The GPU tests' time goes to compiling Triton kernels on the CPU, so they run as PARTS interleaved parts
-# (`--shard I/PARTS`) in parallel processes: the whole matrix in under 4 minutes on a fresh 16-core H100 machine,
-# against more than the device tool's 10 minutes in one process. Each part's log goes to runs/test-gpu/.
+# (`--shard I/PARTS`) in parallel processes: 6 minutes for all of them on a fresh 16-core H100 machine, against
+# more than the device tool's 10 minutes in one process. Each part's log goes to runs/test-gpu/.
 PARTS ?= 4
 test-gpu:
 	$(GPU_ENV) rm -rf runs/test-gpu && mkdir -p runs/test-gpu && pids= && \
