@@ -31,8 +31,9 @@ def shard(items: list, spec: str) -> tuple[list, list]:
     index, _, count = spec.partition("/")
     if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
         raise pytest.UsageError(f"--shard {spec!r}: expected I/N with 1 <= I <= N, e.g. --shard 1/3")
-    kept = items[int(index) - 1::int(count)]
-    return kept, [item for position, item in enumerate(items) if position % int(count) != int(index) - 1]
+    in_part = [position % int(count) == int(index) - 1 for position in range(len(items))]
+    return ([item for item, kept in zip(items, in_part) if kept],
+            [item for item, kept in zip(items, in_part) if not kept])
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected theirs

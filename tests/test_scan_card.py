@@ -7,42 +7,26 @@ import pytest
 import torch
 
 import kernels.triton_scan as triton_scan
+from tests.kernels.sm90_launches import record_launches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scan  # noqa: E402
 
 
-class LaunchRecorder:
-    """Stands in for a Triton kernel: records that it was launched, and leaves its outputs unwritten."""
-
-    def __init__(self, name: str, launched: list[str]):
-        self.name, self.launched = name, launched
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launched.append(self.name)
-
-
 @pytest.mark.parametrize("T", [1024, 2048, 4096, 8192, 16384])
 def test_the_bandwidth_model_names_every_kernel_the_card_launches(T, monkeypatch):
     """`kernel_bytes` must count each kernel the dispatch runs at the card's shape, or the card's table stops at
     that length (it did at T 8K once training went through the cut one-pass forward). The dispatch runs here on
-    the CPU at the card's full shape, as on the H100's 132 SMs, with kernels that only record their launches:
-    those launched, less the carry pass (whose bytes the model leaves out), are the model's, with grad and
-    without."""
-    launched: list[str] = []
-    for name in dir(triton_scan):
-        if name.startswith("_") and name.endswith("_kernel"):
-            monkeypatch.setattr(triton_scan, name, LaunchRecorder(name, launched))
+    the CPU at the card's full shape, as on the H100's 132 SMs, with launches recorded and not run: those
+    launched, less the carry pass (whose bytes the model leaves out), are the model's, with grad and without."""
     monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 132)
     B = 32768 // T
     q, f, i = (torch.empty(B, T, scan.H, scan.D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bound = torch.full((scan.H, scan.D), 0.5)
 
     def launched_by(run) -> set[str]:
-        launched.clear()
-        run()
-        return set(launched) - {"_segment_carry_kernel"}
+        return {kernel.__name__ for kernel, *_ in record_launches(run)} - {"_segment_carry_kernel"}
 
     def forward_backward():
         o, _ = triton_scan.triton_scan(q, f, i, bound, scan.D**-0.5, None, None, False, False)
