@@ -12,6 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from kernels import gluon_scan_forward
 from kernels.library import define_op
 from kernels.triton_scan_kernels import (
     ANCHORED_LAUNCH,
@@ -539,6 +540,10 @@ def scan_fwd(
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
+    if not (backward or save_states) and gluon_scan_forward.applies(q, v, cu_seqlens, reverse):
+        _warp_specialized(q, f, v, lower_bound, initial_state, o, final if output_final_state else None, scale)
+        return o, final, _empty(0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device), q.new_empty(
+            0, K, V, dtype=_wide_dtype(q, K, V)), _no_scores(q, chunk)
     if _small_heads(K, V):  # no seeds: a backward without kept states walks them again itself
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V),
                         device=q.device)
@@ -569,7 +574,7 @@ def scan_fwd(
                 walks.find_seeds(q, f, v, bound, h0 if initial_state is not None else None, seeds, layout, T, scale,
                                  common, backward=False)
             _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
-                q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, layout.cu_seqlens,
+                q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, dummy, layout.cu_seqlens,
                 layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
                 walks.segment_chunks, HAS_H0=initial_state is not None,
                 OUTPUT_FINAL=output_final_state and (seeded or not walks.segmented), STORE_STATES=save_states,
@@ -611,6 +616,48 @@ def scan_fwd(
         states = _empty(0, H, K, V, dtype=states.dtype, device=q.device)
     seeds = seeds if backward else q.new_empty(0, K, V, dtype=seeds.dtype)  # only a backward reads them
     return o, final, states, seeds, _no_scores(q, chunk)
+
+
+def _warp_specialized(q: Tensor, f: Tensor, v: Tensor, lower_bound: Tensor | None, initial_state: Tensor | None,
+                      o: Tensor, final: Tensor | None, scale: float) -> None:
+    """The forward no backward follows where the Gluon kernel `applies` (kernels/gluon_scan_forward.py): o (and
+    the final state) by it, then:
+    - where its walks are fewer than the SMs, cut into as many segments as give each SM one program (as the Triton
+      forward's, `_one_pass_segments`), the carry pass and `_fwd_seed_kernel`, which add the seeds to the outputs of
+      the segments after the first. H100, record shape, kernel ms: T 8K (64 walks) 0.424 whole -> 0.374 cut, T 16K
+      (32 walks) 0.92 -> 0.427 (thirty-first session);
+    - the walks it flagged (a chunk beyond its anchor's span: gates near 0 without a bound) again, whole, by the
+      one-pass Triton forward, which falls back by blocks and overwrites their outputs. The unflagged walks'
+      programs of that launch return at once (a few microseconds)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    bound = (q.new_zeros(H, K, dtype=torch.float32) if lower_bound is None
+             else lower_bound.float().reshape(H, K).contiguous())
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    layout = _Layout(B, T, None, q.device, CHUNK)
+    cut = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds",
+                 n_segments=max(1, _sm_count(q.device) // (B * H)))
+    common = _constexprs(q, v, lower_bound, layout, False)
+    dummy = q.new_empty(0)
+    with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():  # the CPU: the tests' stand-in
+        flags = gluon_scan_forward.forward(q, f, v, bound, h0, o, None if cut.segmented else final, scale,
+                                           cut.n_segments, cut.segment_chunks, *cut.kernel_args())
+        if cut.segmented:
+            seeds = _empty(B * H * cut.n_segments, K, V, dtype=_wide_dtype(q, K, V), device=q.device)
+            cut.carry(dummy, seeds, final, layout, T, backward=False)
+            _fwd_seed_kernel[(layout.n_chunks, H)](
+                q, f, bound, o, cut.chunk_decays, seeds, layout.cu_seqlens, layout.state_offsets, layout.chunk_table,
+                q.stride(1), f.stride(1), scale, T, cut.n_segments, cut.segment_chunks,
+                **_tiles("seed", K, V, q.dtype), **common,
+            )
+        tiles = _tiles("fused", K, V, q.dtype, backward=False)
+        _fwd_fused_kernel[(_state_programs(K, V, tiles, B * H),)](  # whole walks: no segment's buffers
+            q, f, v, bound, dummy if h0 is None else h0, o, dummy if final is None else final, dummy, dummy, dummy,
+            dummy, dummy, dummy, flags, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1),
+            v.stride(1), scale, T, 1, _cdiv(T, CHUNK), HAS_H0=h0 is not None, OUTPUT_FINAL=final is not None,
+            STORE_STATES=False, STORE_SCORES=False, SEGMENTED=False, SEEDED=False, ONLY_FLAGGED=True, **tiles,
+            **common,
+        )
 
 
 def _no_scores(q: Tensor, chunk: int) -> Tensor:

@@ -386,11 +386,11 @@ def _fwd_output_kernel(
 @triton.jit(do_not_specialize=["n_segments"])  # see the loop below
 def _fwd_fused_kernel(
     q, f, v, lower_bound, h0, o, final_state, states, scores, chunk_decays, segment_ends, segment_decays, seeds,
-    cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale, T, n_segments, segment_chunks,
+    walk_flags, cu_seqlens, state_offsets, stride_q, stride_f, stride_v, scale, T, n_segments, segment_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_BOUND: tl.constexpr, HAS_H0: tl.constexpr, OUTPUT_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
     STORE_SCORES: tl.constexpr, SEGMENTED: tl.constexpr, SEEDED: tl.constexpr, IS_VARLEN: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, WIDE_DT: tl.constexpr, ONLY_FLAGGED: tl.constexpr = False,
 ):
     """The forward in one pass: one program per (sequence, head, V block) walks the sequence's chunks in order
     holding its state tile in float32 registers (transposed, [BV, K]), and for each chunk writes the outputs from it
@@ -404,10 +404,16 @@ def _fwd_fused_kernel(
     chunk and its end for `_segment_carry_kernel`; its outputs then lack (q exp(G + D)) seed, which
     `_fwd_seed_kernel` adds. SEEDED (a forward a backward follows, with as few walks): each segment starts from its
     true state, the seed that the segments' ends (`_segment_ends_kernel`) and the carry pass found first, so that
-    its outputs, chunk states and scores are exact as written."""
+    its outputs, chunk states and scores are exact as written.
+
+    ONLY_FLAGGED: only the walks whose `walk_flags` are set, the ones the Gluon forward could not anchor
+    (kernels/gluon_scan_forward.py); the others return at once."""
     (i_nh, i_seg, i_v, i_n, i_h, bos, eos, state_off, offs_k, offs_v, mask_k, mask_v, mask_kv, state_tile, b,
      one_minus_b) = _state_tile_program(T, n_segments, cu_seqlens, state_offsets, lower_bound, H, K, V, C, BK, BV,
                                         HAS_BOUND, IS_VARLEN)
+    if ONLY_FLAGGED:
+        if tl.load(walk_flags + i_nh) == 0:
+            return
     length = eos - bos
     offs_c = tl.arange(0, C)
     causal = offs_c[:, None] >= offs_c[None, :]

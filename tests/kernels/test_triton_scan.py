@@ -439,6 +439,49 @@ def test_where_the_one_pass_forward_is_cut():
     assert cut(4, dtype=torch.float16) == 1
 
 
+def test_where_the_gluon_forward_runs():
+    """Forwards no backward follows take the Gluon kernel for bfloat16 128-wide heads of equal lengths, causal, on
+    a Hopper GPU; never on the CPU (Gluon does not interpret)."""
+    def takes(K=128, dtype=torch.bfloat16, cu_seqlens=None, reverse=False):
+        q = torch.empty(2, 8, 16, K, dtype=dtype, device="meta")
+        return triton_scan.gluon_scan_forward.applies(q, q, cu_seqlens, reverse)
+
+    assert not takes()  # not a GPU
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_scan.gluon_scan_forward, "_is_hopper", lambda device: True)
+        assert takes()
+        assert not takes(K=64) and not takes(dtype=torch.float16) and not takes(reverse=True)
+        assert not takes(cu_seqlens=torch.tensor([0, 8]))
+
+
+def test_walks_the_gluon_forward_flags_run_again_whole(monkeypatch):
+    """What `_warp_specialized` launches after the Gluon forward (interpreted): the seeds' carry pass and kernel for
+    its segments (4 walks on 132 SMs: a segment a chunk), then the one-pass Triton forward over only the flagged
+    walks. With a stand-in Gluon forward that writes NaN everywhere and flags walks 0 and 3 of 4, those walks'
+    outputs and final states match the oracle and the others are left NaN."""
+    B, T, H, K = 2, 70, 2, 16
+    flagged = torch.tensor([1, 0, 0, 1], dtype=torch.int32)
+
+    def stand_in(q, f, v, bound, initial_state, o, final, scale, n_segments, segment_chunks, *cut_buffers):
+        assert n_segments == 3 and final is None  # the carry pass writes the final state of cut walks
+        for written in (o, *cut_buffers):
+            written.fill_(float("nan"))
+        return flagged.clone()
+
+    monkeypatch.setattr(triton_scan.gluon_scan_forward, "forward", stand_in)
+    q, f, v = (torch.randn(B, T, H, K) for _ in range(3))
+    b, h0 = torch.rand(H, K) * 0.9, torch.randn(B, H, K, K)
+    o, final = torch.empty(B, T, H, K), torch.empty(B, H, K, K)
+    triton_scan._warp_specialized(q, f, v, b, h0, o, final, K**-0.5)
+    exact_o, exact_final = hgrn2_scan(*(x.double() for x in (q, f, v, b)), initial_state=h0.double(),
+                                      output_final_state=True, backend="naive")
+    by_walk = lambda x: x.transpose(1, 2).reshape(B * H, -1)  # [B, T, H, K] -> one row per (sequence, head)
+    rerun = flagged.bool()
+    assert relative_error(by_walk(o)[rerun], by_walk(exact_o)[rerun]) < TOLERANCE[torch.float32]
+    assert relative_error(final.reshape(B * H, -1)[rerun], exact_final.reshape(B * H, -1)[rerun]) < 1e-4
+    assert by_walk(o)[~rerun].isnan().all() and final.reshape(B * H, -1)[~rerun].isnan().all()
+
+
 class LaunchSpy:
     """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches it."""
 
@@ -673,6 +716,64 @@ def test_gpu_gradients_repeat_bitwise(shape):
         runs.append(torch.autograd.grad(o, (q, f, i, b), do))
     differing = [n for n, grads in enumerate(runs[1:], 1) if not all(map(torch.equal, runs[0], grads))]
     assert not differing, f"repeats {differing} of 9 differ from the first"
+
+
+GLUON_CASES = {  # 4 x 12 walks, each cut into 2 segments on the H100's 132 SMs (`_warp_specialized`)
+    "one step": dict(T=1),
+    "T 63": dict(T=63),
+    "T 64": dict(T=64),
+    "T 65": dict(T=65),
+    "T 1000": dict(T=1000),
+    "T 16384": dict(T=16384),
+    "whole walks": dict(T=300, H=36),
+    "a segment a chunk": dict(B=1, H=4, T=1000),
+    "gates near 1": dict(T=300, gate_shift=6.0),
+    "no bound": dict(T=300, bounded=False),
+    # log(lambda) about -2.5 a step: 80 over a chunk of 32, just past the start anchor's span (exp(-80)): rerun
+    "gates at exp(-2.5) without a bound: flagged walks rerun": dict(T=200, gate_shift=-2.5, gate_scale=0.1,
+                                                                   bounded=False),
+    "gates near 0 without a bound: flagged walks rerun": dict(T=200, gate_shift=-20.0, bounded=False),
+    "gates near 0, whole walks: flagged walks rerun": dict(T=200, H=36, gate_shift=-20.0, bounded=False),
+}
+
+
+@pytest.fixture
+def gluon_flags(monkeypatch):
+    """The flags of each Gluon forward the test makes (and so that it made one)."""
+    flags, forward = [], triton_scan.gluon_scan_forward.forward
+
+    def recorded(*args):
+        flags.append(forward(*args))
+        return flags[-1]
+
+    monkeypatch.setattr(triton_scan.gluon_scan_forward, "forward", recorded)
+    return flags
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GLUON_CASES, ids=list(GLUON_CASES))
+def test_gpu_gluon_forward_matches_the_oracle(case, gluon_flags):
+    """o and the final state from an initial state, against the float64 loop (`forward_errors`), through the
+    dispatch (`scan_fwd`); walks with a chunk past the anchor's span are flagged and run again by the Triton
+    forward, and only those."""
+    assert_close_to_oracle(forward_errors(torch.bfloat16, K=128, **{"B": 4, "H": 12, **GLUON_CASES[case]}),
+                           torch.bfloat16)
+    (flags,) = gluon_flags
+    assert bool(flags.any()) == ("rerun" in case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_gluon_forward_reads_strided_rows_as_contiguous_ones(gluon_flags):
+    """q, f and v as views of one fused projection ([B, T, 3, H, K]: rows 3 H K apart) give the bits the same
+    values contiguous give, without a copy (the TMA descriptors take the row stride)."""
+    fused = torch.randn(4, 300, 3, 12, 128, device="cuda", dtype=torch.bfloat16)
+    b = torch.rand(12, 128, device="cuda") * 0.9
+    with torch.no_grad():
+        strided, _ = hgrn2_scan(*fused.unbind(2), b)
+        dense, _ = hgrn2_scan(*(x.contiguous() for x in fused.unbind(2)), b)
+    assert len(gluon_flags) == 2 and torch.equal(strided, dense)
 
 
 @pytest.mark.gpu
