@@ -26,7 +26,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels.triton_scan as triton_scan
-from kernels import hgrn2_scan
+from kernels import gluon_scan_forward, hgrn2_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fla_tuning  # noqa: E402  (benchmarks/ is not a package)
@@ -176,7 +176,7 @@ def bench_shape(T: int, B: int, fla_chunk_gla) -> dict:
 
 
 KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_fwd_fused_kernel": "one-pass forward",
-           "_bwd_dh_kernel": "dh", "_bwd_kernel": "grads"}
+           "_bwd_dh_kernel": "dh", "_bwd_kernel": "grads", "_forward_kernel": "Gluon forward"}
 
 
 def _dispatch(B: int, name: str, *args) -> int:
@@ -191,6 +191,13 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     n = B * T * H
     row = D * 2  # one bf16 row of q, f, i, o, do, dq, df or di
     states = n / chunk * D * D * 2
+    cuda = torch.device("cuda")
+    if not backward and gluon_scan_forward.applies(D, D, torch.bfloat16, None, False, cuda):
+        segments = triton_scan._cut(-(-T // triton_scan.CHUNK), triton_scan._gluon_segments(B, H, cuda))[0]
+        # q, f, i in, o out; the flagged walks' rerun reads its flags (the card's gates flag none); past each walk's
+        # first segment the seeds' kernel reads q, f and o and writes o
+        return {"_forward_kernel": n * 4 * row, "_fwd_fused_kernel": 0,
+                **({"_fwd_seed_kernel": (1 - 1 / segments) * n * 4 * row} if segments > 1 else {})}
     segments = _dispatch(B, "_one_pass_segments")
     scores = n * chunk * 2 if backward and _dispatch(B, "_scores_kept") else 0  # [C, C] a chunk and head
     if _dispatch(B, "_fused_forward") or segments > 1:

@@ -287,16 +287,17 @@ def _forward_kernel(q_desc, f_desc, v_desc, lower_bound, h0, o, final, flags, ch
                        [GATE_REGISTERS, GATE_REGISTERS, 24])
 
 
-def applies(q: Tensor, v: Tensor, cu_seqlens: Tensor | None, reverse: bool) -> bool:
+def applies(K: int, V: int, dtype: torch.dtype, cu_seqlens: Tensor | None, reverse: bool,
+            device: torch.device) -> bool:
     """Whether `forward` takes a scan: bfloat16 128-wide heads of equal lengths, causal, on a Hopper GPU, under
     triton 3.8 or later (Gluon's API changed before it)."""
-    return (TRITON_VERSION >= (3, 8) and q.dtype == torch.bfloat16 and q.shape[-1] == v.shape[-1] == HEAD
-            and cu_seqlens is None and not reverse and _is_hopper(q.device))
+    return (TRITON_VERSION >= (3, 8) and dtype == torch.bfloat16 and K == V == HEAD and cu_seqlens is None
+            and not reverse and _is_hopper(device))
 
 
 def _is_hopper(device: torch.device) -> bool:
     """sm_90: wgmma and setmaxnreg, which this kernel is written for (Blackwell's tensor cores take tcgen05)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
 
 
 _TILE = gl.NVMMASharedLayout.get_default_for([CHUNK, HEAD], gl.bfloat16)

@@ -540,7 +540,8 @@ def scan_fwd(
     dummy = q.new_empty(0)
     bound = dummy if lower_bound is None else lower_bound.float().contiguous()
     h0 = dummy if initial_state is None else initial_state.float().contiguous()
-    if not (backward or save_states) and gluon_scan_forward.applies(q, v, cu_seqlens, reverse):
+    if not (backward or save_states) and gluon_scan_forward.applies(K, V, q.dtype, cu_seqlens, reverse,
+                                                                    q.device):
         _warp_specialized(q, f, v, lower_bound, initial_state, o, final if output_final_state else None, scale)
         return o, final, _empty(0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device), q.new_empty(
             0, K, V, dtype=_wide_dtype(q, K, V)), _no_scores(q, chunk)
@@ -618,14 +619,19 @@ def scan_fwd(
     return o, final, states, seeds, _no_scores(q, chunk)
 
 
+def _gluon_segments(B: int, H: int, device: torch.device | None) -> int:
+    """Into how many segments the Gluon forward cuts each walk (`_warp_specialized`): as many as give each SM one
+    program (a short sequence gets at most one a chunk, `_Walks`)."""
+    return max(1, _sm_count(device) // (B * H))
+
+
 def _warp_specialized(q: Tensor, f: Tensor, v: Tensor, lower_bound: Tensor | None, initial_state: Tensor | None,
                       o: Tensor, final: Tensor | None, scale: float) -> None:
     """The forward no backward follows where the Gluon kernel `applies` (kernels/gluon_scan_forward.py): o (and
     the final state) by it, then:
-    - where its walks are fewer than the SMs, cut into as many segments as give each SM one program (as the Triton
-      forward's, `_one_pass_segments`), the carry pass and `_fwd_seed_kernel`, which add the seeds to the outputs of
-      the segments after the first. H100, record shape, kernel ms: T 8K (64 walks) 0.424 whole -> 0.374 cut, T 16K
-      (32 walks) 0.92 -> 0.427 (thirty-first session);
+    - where its walks are fewer than the SMs, cut into segments (`_gluon_segments`), the carry pass and
+      `_fwd_seed_kernel`, which add the seeds to the outputs of the segments after the first. H100, record shape,
+      kernel ms: T 8K (64 walks) 0.424 whole -> 0.374 cut, T 16K (32 walks) 0.92 -> 0.427 (thirty-first session);
     - the walks it flagged (a chunk beyond its anchor's span: gates near 0 without a bound) again, whole, by the
       one-pass Triton forward, which falls back by blocks and overwrites their outputs. The unflagged walks'
       programs of that launch return at once (a few microseconds)."""
@@ -635,8 +641,7 @@ def _warp_specialized(q: Tensor, f: Tensor, v: Tensor, lower_bound: Tensor | Non
              else lower_bound.float().reshape(H, K).contiguous())
     h0 = None if initial_state is None else initial_state.float().contiguous()
     layout = _Layout(B, T, None, q.device, CHUNK)
-    cut = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds",
-                 n_segments=max(1, _sm_count(q.device) // (B * H)))
+    cut = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=_gluon_segments(B, H, q.device))
     common = _constexprs(q, v, lower_bound, layout, False)
     dummy = q.new_empty(0)
     with torch.cuda.device(q.device.index) if q.is_cuda else nullcontext():  # the CPU: the tests' stand-in

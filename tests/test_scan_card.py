@@ -19,7 +19,8 @@ def test_the_bandwidth_model_names_every_kernel_the_card_launches(T, monkeypatch
     """`kernel_bytes` must count each kernel the dispatch runs at the card's shape, or the card's table stops at
     that length (it did at T 8K once training went through the cut one-pass forward). The dispatch runs here on
     the CPU at the card's full shape, as on the H100's 132 SMs, with launches recorded and not run: those
-    launched, less the carry pass (whose bytes the model leaves out), are the model's, with grad and without."""
+    launched, less the carry pass (whose bytes the model leaves out), are the model's, with grad and without, and
+    without grad through the Gluon forward as a Hopper GPU runs it."""
     monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 132)
     B = 32768 // T
     q, f, i = (torch.empty(B, T, scan.H, scan.D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -39,3 +40,6 @@ def test_the_bandwidth_model_names_every_kernel_the_card_launches(T, monkeypatch
     assert launched_by(forward_backward) == set(scan.kernel_bytes(T, B))
     chunk = scan._dispatch(B, "_forward_chunk", False)
     assert launched_by(forward) == set(scan.kernel_bytes(T, B, chunk, backward=False))
+    monkeypatch.setattr(triton_scan.gluon_scan_forward, "_is_hopper", lambda device: True)  # the H100's forward
+    launched = launched_by(forward)
+    assert "_forward_kernel" in launched and launched == set(scan.kernel_bytes(T, B, chunk, backward=False))

@@ -20,6 +20,13 @@ DEVICE = "cuda" if GPU else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture
+def triton_forward(monkeypatch):
+    """The Triton forwards, where a test is about them: on a Hopper GPU the Gluon forward would take bf16 128-wide
+    heads without grad (`gluon_scan_forward.applies`)."""
+    monkeypatch.setattr(triton_scan.gluon_scan_forward, "applies", lambda *args: False)
+
+
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_scan, "POISON_OUTPUTS", True)
@@ -349,6 +356,7 @@ def forward_errors(dtype, B=2, T=70, H=2, K=16, gate_shift=0.0, gate_scale=1.0, 
     return {name: relative_error(ours, exact) for name, ours, exact in zip(["o", "final_state"], *results)}
 
 
+@pytest.mark.usefixtures("triton_forward")
 @pytest.mark.parametrize("case", INFERENCE_CASES, ids=list(INFERENCE_CASES))
 def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     """The two-pass forward at chunk 64. The GPU runs these in bfloat16 with heads of 128, which the dispatch gives
@@ -386,7 +394,7 @@ FUSED_CASES = {  # the one-pass forward holds the state through the sequence; it
 
 
 @pytest.fixture
-def one_pass_forward(monkeypatch):
+def one_pass_forward(monkeypatch, triton_forward):
     """The one-pass forward (`_fwd_fused_kernel`), which the dispatch takes for many walks of small bf16 heads
     (`_fused_forward`), forced whatever the size and dtype; the two-pass forward's states kernel barred."""
     monkeypatch.setattr(triton_scan, "_fused_forward", lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
@@ -418,6 +426,7 @@ CUT_ONE_PASS_CASES = {  # 3 segments a walk; 5 chunks of 32 at T 150, so the las
 }
 
 
+@pytest.mark.usefixtures("triton_forward")
 @pytest.mark.parametrize("K", [128] if GPU else [16, 128])
 @pytest.mark.parametrize("case", CUT_ONE_PASS_CASES, ids=list(CUT_ONE_PASS_CASES))
 def test_cut_one_pass_forward_matches_the_oracle(case, K, monkeypatch):
@@ -442,9 +451,8 @@ def test_where_the_one_pass_forward_is_cut():
 def test_where_the_gluon_forward_runs():
     """Forwards no backward follows take the Gluon kernel for bfloat16 128-wide heads of equal lengths, causal, on
     a Hopper GPU; never on the CPU (Gluon does not interpret)."""
-    def takes(K=128, dtype=torch.bfloat16, cu_seqlens=None, reverse=False):
-        q = torch.empty(2, 8, 16, K, dtype=dtype, device="meta")
-        return triton_scan.gluon_scan_forward.applies(q, q, cu_seqlens, reverse)
+    def takes(K=128, dtype=torch.bfloat16, cu_seqlens=None, reverse=False, device=torch.device("cpu")):
+        return triton_scan.gluon_scan_forward.applies(K, K, dtype, cu_seqlens, reverse, device)
 
     assert not takes()  # not a GPU
     with pytest.MonkeyPatch.context() as patch:
