@@ -193,7 +193,8 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     states = n / chunk * D * D * 2
     cuda = torch.device("cuda")
     if not backward and gluon_scan_forward.applies(D, D, torch.bfloat16, None, False, cuda):
-        segments = triton_scan._cut(-(-T // triton_scan.CHUNK), triton_scan._gluon_segments(B, H, cuda))[0]
+        segments = triton_scan._cut(triton_scan._cdiv(T, triton_scan.CHUNK),
+                                    triton_scan._gluon_segments(B, H, cuda))[0]
         # q, f, i in, o out; the flagged walks' rerun reads its flags (the card's gates flag none); past each walk's
         # first segment the seeds' kernel reads q, f and o and writes o
         return {"_forward_kernel": n * 4 * row, "_fwd_fused_kernel": 0,

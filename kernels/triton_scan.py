@@ -537,14 +537,14 @@ def scan_fwd(
     N = layout.n_sequences
     o = _empty(B, T, H, V, dtype=q.dtype, device=q.device)
     final = _empty(N if output_final_state else 0, H, K, V, dtype=torch.float32, device=q.device)
-    dummy = q.new_empty(0)
-    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
-    h0 = dummy if initial_state is None else initial_state.float().contiguous()
     if not (backward or save_states) and gluon_scan_forward.applies(K, V, q.dtype, cu_seqlens, reverse,
                                                                     q.device):
         _warp_specialized(q, f, v, lower_bound, initial_state, o, final if output_final_state else None, scale)
         return o, final, _empty(0, H, K, V, dtype=_wide_dtype(q, K, V), device=q.device), q.new_empty(
             0, K, V, dtype=_wide_dtype(q, K, V)), _no_scores(q, chunk)
+    dummy = q.new_empty(0)
+    bound = dummy if lower_bound is None else lower_bound.float().contiguous()
+    h0 = dummy if initial_state is None else initial_state.float().contiguous()
     if _small_heads(K, V):  # no seeds: a backward without kept states walks them again itself
         states = _empty(layout.n_states if save_states else 0, H, K, V, dtype=_wide_dtype(q, K, V),
                         device=q.device)
@@ -637,8 +637,8 @@ def _warp_specialized(q: Tensor, f: Tensor, v: Tensor, lower_bound: Tensor | Non
       programs of that launch return at once (a few microseconds)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    bound = (q.new_zeros(H, K, dtype=torch.float32) if lower_bound is None
-             else lower_bound.float().reshape(H, K).contiguous())
+    # the Gluon kernel always reads a bound: zeros are none
+    bound = q.new_zeros(H, K, dtype=torch.float32) if lower_bound is None else lower_bound.float().contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     layout = _Layout(B, T, None, q.device, CHUNK)
     cut = _Walks("states", layout, T, H, K, V, q.dtype, q.device, "seeds", n_segments=_gluon_segments(B, H, q.device))
