@@ -202,8 +202,11 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     segments = _dispatch(B, "_one_pass_segments")
     scores = n * chunk * 2 if backward and _dispatch(B, "_scores_kept") else 0  # [C, C] a chunk and head
     if _dispatch(B, "_fused_forward") or segments > 1:
-        # q, f, i in; o, and where a backward follows the states and scores, out
-        forward = {"_fwd_fused_kernel": n * 4 * row + (states + scores) * backward}
+        # q, f, i in; o, and where a backward follows the states and scores, out: by the Gluon forward where it
+        # runs (here only with a backward), whose flagged walks' rerun reads its flags
+        gluon = backward and gluon_scan_forward.applies(D, D, torch.bfloat16, None, False, cuda)
+        forward = {"_forward_kernel" if gluon else "_fwd_fused_kernel": n * 4 * row + (states + scores) * backward,
+                   **({"_fwd_fused_kernel": 0} if gluon else {})}
         if segments > 1 and backward:  # the seeds' segment ends: f, i in, and then the backward's q, f, do
             forward["_segment_ends_kernel"] = n * 2 * row + n * 3 * row
         elif segments > 1:  # q, f, o in, o out, past each walk's first segment

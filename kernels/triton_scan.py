@@ -574,13 +574,24 @@ def scan_fwd(
             if seeded:
                 walks.find_seeds(q, f, v, bound, h0 if initial_state is not None else None, seeds, layout, T, scale,
                                  common, backward=False)
-            _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
-                q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, dummy, layout.cu_seqlens,
-                layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, walks.n_segments,
-                walks.segment_chunks, HAS_H0=initial_state is not None,
-                OUTPUT_FINAL=output_final_state and (seeded or not walks.segmented), STORE_STATES=save_states,
-                STORE_SCORES=keep_scores, SEGMENTED=walks.segmented and not seeded, SEEDED=seeded, **tiles, **common,
-            )
+            if backward and gluon_scan_forward.applies(K, V, q.dtype, cu_seqlens, reverse, q.device):
+                # the Gluon forward, keeping what the backward takes (its no-grad use: `_warp_specialized`)
+                kept = (states if save_states else None, scores if keep_scores else None)
+                flags = gluon_scan_forward.forward(
+                    q, f, v, q.new_zeros(H, K, dtype=torch.float32) if lower_bound is None else bound,
+                    h0 if initial_state is not None else None, o, final if output_final_state else None, scale,
+                    walks.n_segments, walks.segment_chunks, *walks.kernel_args(), seeds if seeded else None, *kept)
+                _rerun_flagged(flags, q, f, v, bound, h0 if initial_state is not None else None, o,
+                               final if output_final_state else None, *kept, layout, scale, common, backward=True)
+            else:
+                _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
+                    q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, dummy,
+                    layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T,
+                    walks.n_segments, walks.segment_chunks, HAS_H0=initial_state is not None,
+                    OUTPUT_FINAL=output_final_state and (seeded or not walks.segmented), STORE_STATES=save_states,
+                    STORE_SCORES=keep_scores, SEGMENTED=walks.segmented and not seeded, SEEDED=seeded, **tiles,
+                    **common,
+                )
             if walks.segmented and not seeded:
                 walks.carry(dummy, seeds, final if output_final_state else None, layout, T, backward=False)
                 _fwd_seed_kernel[(layout.n_chunks, H)](
@@ -632,9 +643,7 @@ def _warp_specialized(q: Tensor, f: Tensor, v: Tensor, lower_bound: Tensor | Non
     - where its walks are fewer than the SMs, cut into segments (`_gluon_segments`), the carry pass and
       `_fwd_seed_kernel`, which add the seeds to the outputs of the segments after the first. H100, record shape,
       kernel ms: T 8K (64 walks) 0.424 whole -> 0.374 cut, T 16K (32 walks) 0.92 -> 0.427 (thirty-first session);
-    - the walks it flagged (a chunk beyond its anchor's span: gates near 0 without a bound) again, whole, by the
-      one-pass Triton forward, which falls back by blocks and overwrites their outputs. The unflagged walks'
-      programs of that launch return at once (a few microseconds)."""
+    - the walks it flagged, again (`_rerun_flagged`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     # the Gluon kernel always reads a bound: zeros are none
@@ -655,14 +664,26 @@ def _warp_specialized(q: Tensor, f: Tensor, v: Tensor, lower_bound: Tensor | Non
                 q.stride(1), f.stride(1), scale, T, cut.n_segments, cut.segment_chunks,
                 **_tiles("seed", K, V, q.dtype), **common,
             )
-        tiles = _tiles("fused", K, V, q.dtype, backward=False)
-        _fwd_fused_kernel[(_state_programs(K, V, tiles, B * H),)](  # whole walks: no segment's buffers
-            q, f, v, bound, dummy if h0 is None else h0, o, dummy if final is None else final, dummy, dummy, dummy,
-            dummy, dummy, dummy, flags, layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1),
-            v.stride(1), scale, T, 1, _cdiv(T, CHUNK), HAS_H0=h0 is not None, OUTPUT_FINAL=final is not None,
-            STORE_STATES=False, STORE_SCORES=False, SEGMENTED=False, SEEDED=False, ONLY_FLAGGED=True, **tiles,
-            **common,
-        )
+        _rerun_flagged(flags, q, f, v, bound, h0, o, final, None, None, layout, scale, common, backward=False)
+
+
+def _rerun_flagged(flags: Tensor, q: Tensor, f: Tensor, v: Tensor, bound: Tensor, h0: Tensor | None, o: Tensor,
+                   final: Tensor | None, states: Tensor | None, scores: Tensor | None, layout: _Layout, scale: float,
+                   common: dict, backward: bool) -> None:
+    """The walks the Gluon forward flagged (a chunk beyond its anchor's span: gates near 0 without a bound) again,
+    whole, by the one-pass Triton forward, which falls back by blocks and overwrites their outputs (and the chunk
+    states and scores kept for a backward). The unflagged walks' programs return at once (a few microseconds)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    tiles = _tiles("fused", K, V, q.dtype, backward=backward)
+    dummy = q.new_empty(0)
+    given = lambda x: dummy if x is None else x
+    _fwd_fused_kernel[(_state_programs(K, V, tiles, B * H),)](  # whole walks: no segment's buffers
+        q, f, v, bound, given(h0), o, given(final), given(states), given(scores), dummy, dummy, dummy, dummy, flags,
+        layout.cu_seqlens, layout.state_offsets, q.stride(1), f.stride(1), v.stride(1), scale, T, 1,
+        _cdiv(T, CHUNK), HAS_H0=h0 is not None, OUTPUT_FINAL=final is not None, STORE_STATES=states is not None,
+        STORE_SCORES=scores is not None, SEGMENTED=False, SEEDED=False, ONLY_FLAGGED=True, **tiles, **common,
+    )
 
 
 def _no_scores(q: Tensor, chunk: int) -> Tensor:

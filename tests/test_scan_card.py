@@ -20,7 +20,7 @@ def test_the_bandwidth_model_names_every_kernel_the_card_launches(T, monkeypatch
     that length (it did at T 8K once training went through the cut one-pass forward). The dispatch runs here on
     the CPU at the card's full shape, as on the H100's 132 SMs, with launches recorded and not run: those
     launched, less the carry pass (whose bytes the model leaves out), are the model's, with grad and without, and
-    without grad through the Gluon forward as a Hopper GPU runs it."""
+    then through the Gluon forward as a Hopper GPU runs it."""
     monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 132)
     B = 32768 // T
     q, f, i = (torch.empty(B, T, scan.H, scan.D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -43,3 +43,5 @@ def test_the_bandwidth_model_names_every_kernel_the_card_launches(T, monkeypatch
     monkeypatch.setattr(triton_scan.gluon_scan_forward, "_is_hopper", lambda device: True)  # the H100's forward
     launched = launched_by(forward)
     assert "_forward_kernel" in launched and launched == set(scan.kernel_bytes(T, B, chunk, backward=False))
+    launched = launched_by(forward_backward)
+    assert "_forward_kernel" in launched and launched == set(scan.kernel_bytes(T, B))

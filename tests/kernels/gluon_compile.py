@@ -2,8 +2,7 @@
 cannot run, and reports what ptxas made of it. Run in a process without TRITON_INTERPRET
 (tests/kernels/test_gluon_compile.py):
 
-    python -m tests.kernels.gluon_compile      prints one JSON line per variant (no states, whole walks; then
-                                               an initial state, segments)
+    python -m tests.kernels.gluon_compile      prints one JSON line per variant (VARIANTS)
 """
 
 import json
@@ -20,17 +19,36 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from kernels import gluon_scan_forward
 
 
-def compile_forward(with_states: bool):
-    """The kernel as `gluon_scan_forward.forward` launches it, for B 1, T 64, H 2: whole walks with no initial or
-    final state, or walks cut into segments from an initial state (the final state is written by the carry
-    pass there, so OUTPUT_FINAL goes unused: the whole-walk launch takes both)."""
+VARIANTS = {
+    # whole walks with no initial or final state
+    "no grad": dict(),
+    # walks cut into segments from an initial state (the carry pass writes the final state then)
+    "no grad, cut": dict(HAS_H0=True, SEGMENTED=True),
+    # a backward follows: the chunk states and scores kept, whole walks, from and to a state
+    "training": dict(HAS_H0=True, OUTPUT_FINAL=True, STORE_STATES=True, STORE_SCORES=True),
+    # and walks cut into segments, each from its seed
+    "training, seeded": dict(HAS_H0=True, OUTPUT_FINAL=True, SEEDED=True, STORE_STATES=True, STORE_SCORES=True),
+}
+
+
+def compile_forward(variant: str):
+    """The kernel as `gluon_scan_forward.forward` launches it in `variant` (VARIANTS), for B 1, T 64, H 2."""
     x = torch.zeros(1, 64, 2, gluon_scan_forward.HEAD, dtype=torch.bfloat16)
+    tiles = torch.zeros(3, 2, gluon_scan_forward.HEAD, gluon_scan_forward.HEAD, dtype=torch.bfloat16)
+    scores = torch.zeros(2, 2, gluon_scan_forward.CHUNK, gluon_scan_forward.CHUNK, dtype=torch.bfloat16)
+    modes = {**dict(HAS_H0=False, OUTPUT_FINAL=False, SEGMENTED=False, SEEDED=False, STORE_STATES=False,
+                    STORE_SCORES=False), **VARIANTS[variant]}
     kernel = gluon_scan_forward._forward_kernel
-    descriptors = [gluon_scan_forward._descriptor(x).__mangle__() for _ in range(3)]
-    signature = dict(zip(kernel.arg_names, descriptors + ["*fp32", "*fp32", "*bf16", "*fp32", "*i32", "*fp32",
-                                                          "*fp32", "*fp32", "i32", "i32", "fp32", "i32", "i32"]))
-    constants = dict(HAS_H0=with_states, OUTPUT_FINAL=with_states, SEGMENTED=with_states,
-                     STAGES=gluon_scan_forward.STAGES, RING=gluon_scan_forward.RING,
+    q_desc = gluon_scan_forward._descriptor(x)
+    descriptors = [q_desc] * 3 + [
+        gluon_scan_forward._tiles_descriptor(tiles, gluon_scan_forward._STATE_TILE) if modes["STORE_STATES"]
+        else q_desc,
+        gluon_scan_forward._tiles_descriptor(scores, gluon_scan_forward._SCORES_TILE) if modes["STORE_SCORES"]
+        else q_desc]
+    signature = dict(zip(kernel.arg_names, [d.__mangle__() for d in descriptors] + [
+        "*fp32", "*fp32", "*bf16", "*bf16", "*fp32", "*i32", "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "i32",
+        "i32"]))
+    constants = dict(modes, STAGES=gluon_scan_forward.STAGES, RING=gluon_scan_forward.RING,
                      GATE_REGISTERS=gluon_scan_forward.GATE_REGISTERS)
     signature.update({name: "constexpr" for name in constants})
     pointers = [name for name, kind in signature.items() if kind.startswith("*")]
@@ -57,5 +75,5 @@ def report(compiled) -> dict:
 
 
 if __name__ == "__main__":
-    for with_states in (False, True):
-        print(json.dumps({"with_states": with_states, **report(compile_forward(with_states))}), flush=True)
+    for variant in VARIANTS:
+        print(json.dumps({"variant": variant, **report(compile_forward(variant))}), flush=True)

@@ -490,6 +490,34 @@ def test_walks_the_gluon_forward_flags_run_again_whole(monkeypatch):
     assert by_walk(o)[~rerun].isnan().all() and final.reshape(B * H, -1)[~rerun].isnan().all()
 
 
+@pytest.mark.skipif(GPU, reason="a stand-in for the Gluon forward; the GPU tests run the kernel")
+@pytest.mark.parametrize("recompute_states", [False, True], ids=["states kept", "states recomputed"])
+@pytest.mark.parametrize("segments", [1, 3], ids=["whole walks", "cut and seeded"])
+def test_training_through_the_gluon_forward_keeps_what_its_reruns_write(segments, recompute_states, monkeypatch):
+    """Where a backward follows, the one-pass branch hands the Gluon forward what the backward reads: buffers for
+    the chunk states (unless recomputed) and the scores and, for cut walks, the seeds found first; the walks it
+    flags run again whole by the Triton forward, which keeps theirs. Interpreted, with a stand-in Gluon forward
+    that writes NaN into all it is given and flags every walk, the gradients come out exact only if the rerun
+    keeps all of it."""
+    monkeypatch.setattr(triton_scan.gluon_scan_forward, "applies", lambda *args: True)
+    monkeypatch.setattr(triton_scan, "_fused_forward", lambda *args: segments == 1)
+    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda *args: segments)
+    calls = []
+
+    def stand_in(q, f, v, bound, initial_state, o, final, scale, n_segments, segment_chunks, *buffers):
+        *cut_buffers, seeds, states, scores = buffers
+        calls.append(dict(n_segments=n_segments, seeded=seeds is not None, states=states is not None,
+                          scores=scores is not None))
+        for written in (o, final, states, scores):
+            if written is not None:
+                written.fill_(float("nan"))
+        return torch.ones(q.shape[0] * q.shape[2], dtype=torch.int32)
+
+    monkeypatch.setattr(triton_scan.gluon_scan_forward, "forward", stand_in)
+    assert_close_to_oracle(compare_with_oracle(T=150, recompute_states=recompute_states), torch.float32)
+    assert calls == [dict(n_segments=segments, seeded=segments > 1, states=not recompute_states, scores=True)]
+
+
 class LaunchSpy:
     """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches it."""
 
@@ -767,6 +795,29 @@ def test_gpu_gluon_forward_matches_the_oracle(case, gluon_flags):
     forward, and only those."""
     assert_close_to_oracle(forward_errors(torch.bfloat16, K=128, **{"B": 4, "H": 12, **GLUON_CASES[case]}),
                            torch.bfloat16)
+    (flags,) = gluon_flags
+    assert bool(flags.any()) == ("rerun" in case)
+
+
+GLUON_TRAINING_CASES = {  # 4 x 12 walks, cut into 2 segments and seeded on the H100's 132 SMs
+    "T 65": dict(T=65),
+    "T 1000": dict(T=1000),
+    "whole walks": dict(T=300, H=36),
+    "no initial state": dict(T=300, initial_state=False),
+    "states recomputed": dict(T=1000, recompute_states=True),
+    "gates near 1": dict(T=300, gate_shift=6.0),
+    "gates near 0 without a bound: flagged walks rerun": dict(T=200, gate_shift=-20.0, bounded=False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GLUON_TRAINING_CASES, ids=list(GLUON_TRAINING_CASES))
+def test_gpu_training_through_the_gluon_forward_matches_the_oracle(case, gluon_flags):
+    """o, the final state and every gradient, the Gluon forward keeping the chunk states and scores the backward
+    reads (or, recomputed, the seeds), against the float64 loop (`compare_with_oracle`)."""
+    options = {"B": 4, "H": 12, **GLUON_TRAINING_CASES[case]}
+    assert_close_to_oracle(compare_with_oracle(K=128, dtype=torch.bfloat16, **options), torch.bfloat16)
     (flags,) = gluon_flags
     assert bool(flags.any()) == ("rerun" in case)
 
