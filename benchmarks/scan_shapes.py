@@ -140,6 +140,8 @@ def main() -> None:
                         help="launch options over `_tiles`' choice for every shape, e.g. dh:num_stages=3")
     parser.add_argument("--recompute-states", action="store_true",
                         help="the backward rebuilds the chunk states (recompute_states, the LM configs' choice)")
+    parser.add_argument("--gluon-grads", action="store_true",
+                        help="the backward's gradients by the Gluon kernel (`triton_scan.GLUON_GRADS`, off by default)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                         help="compare: run this script with OPTIONS as variant NAME (repeat for each variant)")
     parser.add_argument("--rounds", type=int, default=2, help="with --variant: how many times each variant runs")
@@ -151,8 +153,8 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
     if named:
-        if args.kernels_from or args.tiles or args.json_lines:
-            parser.error("--kernels-from, --tiles and --json-lines belong inside a --variant's options")
+        if args.kernels_from or args.tiles or args.json_lines or args.gluon_grads:
+            parser.error("--kernels-from, --tiles, --gluon-grads and --json-lines belong inside a --variant's options")
         compare(named, args.rounds, ["--shapes", *args.shapes] + (["--recompute-states"] if args.recompute_states
                                                                    else []))
         return
@@ -164,8 +166,10 @@ def main() -> None:
     from scan import kernel_ms  # benchmarks/ is not a package
 
     triton_scan.TILE_OVERRIDES.update(overrides)
+    triton_scan.GLUON_GRADS = args.gluon_grads
     label = args.kernels_from or str(Path(kernels.__file__).parent.parent)
     label += "".join(f" {item}" for item in args.tiles) + (" recompute" if args.recompute_states else "")
+    label += " gluon-grads" if args.gluon_grads else ""
     for name in args.shapes:
         forward_backward, forward, inputs = scan_calls(kernels.hgrn2_scan, *SHAPES[name], args.recompute_states)
         times = kernel_ms(forward_backward, calls=20, grad_to_none=inputs)

@@ -78,6 +78,18 @@ def _log(x):
 
 
 @gluon.jit
+def _gate(f, b, valid):
+    """lambda = b + (1 - b) sigmoid(f) and k = 1 - lambda = (1 - b) sigmoid(-f) of float32 logits f, with
+    sigmoid(f) and sigmoid(-f): one ex2 and one rcp an element. Where not `valid` (past a sequence's end),
+    lambda = 1 and k = 0: such a position changes nothing."""
+    e = gl.exp2(-gl.abs(f) * LOG2_E)
+    r = _reciprocal(1 + e)  # sigmoid(|f|); e r = sigmoid(-|f|)
+    sig = gl.where(f >= 0, r, e * r)
+    sig_neg = gl.where(f >= 0, e * r, r)
+    return gl.where(valid, b + (1 - b) * sig, 1.0), gl.where(valid, (1 - b) * sig_neg, 0.0), sig, sig_neg
+
+
+@gluon.jit
 def _product(a, b):
     return a * b
 
@@ -164,10 +176,7 @@ def _gate_partition(args, PARITY: gl.constexpr):
         mbarrier.wait(load_ready.index(s), phase)
         f = f_bufs.index(s).load(by_channel).to(gl.float32)
         valid = (c * C + offs_c < T)[:, None]
-        e = gl.exp2(-gl.abs(f) * LOG2_E)
-        r = _reciprocal(1 + e)  # sigmoid(|f|); e r = sigmoid(-|f|)
-        gate = gl.where(valid, b + (1 - b) * gl.where(f >= 0, r, e * r), 1.0)
-        k = gl.where(valid, (1 - b) * gl.where(f >= 0, e * r, r), 0.0)
+        gate, k, _, _ = _gate(f, b, valid)
         decay = gl.associative_scan(gate, 0, _product)  # exp(G_t) from the chunk's start
         decay_last = gl.sum(gl.where(at_end, decay, 0.0), axis=0)
         narrowest = gl.minimum(narrowest, gl.min(decay_last, axis=0))

@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels import gluon_scan_forward
+from kernels import gluon_scan_forward, gluon_scan_grads
 from kernels.library import define_op
 from kernels.triton_scan_kernels import (
     ANCHORED_LAUNCH,
@@ -284,6 +284,13 @@ def _scores_kept(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens:
         return False
     return _tiles("dh", K, V, dtype, B * H, device, dv_in_walk=True)["BK"] >= K
 
+
+GLUON_GRADS = False
+"""Whether the backward's chunk-parallel gradients take the Gluon kernel (kernels/gluon_scan_grads.py) where it
+applies, instead of `_bwd_kernel`'s anchored launch. Off: correct, but slower today (H100, record shape, kernel
+time: 1.74 ms against 1.33; its bfloat16-operand version took 1.11-1.19 against 1.33 on an H200 but missed the lower
+bound's gradient by 1.4e-2; kernels/HISTORY.md, thirty-second session). Set by benchmarks/scan_shapes.py
+(`--gluon-grads`) and by the tests that run it."""
 
 TILE_OVERRIDES: dict[str, dict] = {}
 """Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""
@@ -796,7 +803,13 @@ def scan_bwd(
         )
         walks.carry(dstates, dummy, dh0 if want_dh0 else None, layout, T, backward=True)
         flags = _fallback_flags(layout, H, q.device)
-        for launch in (ANCHORED_LAUNCH, FALLBACK_LAUNCH):
+        launches = (ANCHORED_LAUNCH, FALLBACK_LAUNCH)
+        if GLUON_GRADS and dv_in_walk and gluon_scan_forward.applies(K, V, q.dtype, cu_seqlens, reverse, q.device):
+            # the anchored launch's work by the Gluon kernel, which flags the chunks it leaves to the fallback
+            gluon_scan_grads.grads(q, f, v, do, None if lower_bound is None else bound, states, dstates, dq, df,
+                                   db_chunks, flags, scale, _sm_count(q.device))
+            launches = (FALLBACK_LAUNCH,)
+        for launch in launches:
             _bwd_kernel[(layout.n_chunks, H)](
                 q_by_time, f_by_time, v, do, bound, states, dstates, dq, df, dv, db_chunks, flags, layout.cu_seqlens,
                 layout.state_offsets, layout.chunk_table, v.stride(1), scale, T,

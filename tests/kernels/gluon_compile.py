@@ -1,8 +1,9 @@
-"""Compiles the Gluon forward (kernels/gluon_scan_forward.py) for an H100 (sm_90a) on the CPU, which the interpreter
-cannot run, and reports what ptxas made of it. Run in a process without TRITON_INTERPRET
+"""Compiles the Gluon kernels (kernels/gluon_scan_forward.py, gluon_scan_grads.py) for an H100 (sm_90a) on the CPU,
+which the interpreter cannot run, and reports what ptxas made of them. Run in a process without TRITON_INTERPRET
 (tests/kernels/test_gluon_compile.py):
 
-    python -m tests.kernels.gluon_compile      prints one JSON line per variant (VARIANTS)
+    python -m tests.kernels.gluon_compile      prints one JSON line per variant of the forward (VARIANTS), then
+                                               of the grads kernel (kernels/gluon_scan_grads.py)
 """
 
 import json
@@ -16,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from kernels import gluon_scan_forward
+from kernels import gluon_scan_forward, gluon_scan_grads
 
 
 VARIANTS = {
@@ -50,7 +51,25 @@ def compile_forward(variant: str):
         "i32"]))
     constants = dict(modes, STAGES=gluon_scan_forward.STAGES, RING=gluon_scan_forward.RING,
                      GATE_REGISTERS=gluon_scan_forward.GATE_REGISTERS)
-    signature.update({name: "constexpr" for name in constants})
+    return _compile(kernel, signature, constants)
+
+
+def compile_grads(has_bound: bool):
+    """The grads kernel as `gluon_scan_grads.grads` launches it, for B 1, T 64, H 2."""
+    x = torch.zeros(1, 64, 2, gluon_scan_forward.HEAD, dtype=torch.bfloat16)
+    tiles = torch.zeros(3, 2, gluon_scan_forward.HEAD, gluon_scan_forward.HEAD, dtype=torch.bfloat16)
+    kernel = gluon_scan_grads._grads_kernel
+    descriptors = [gluon_scan_forward._descriptor(x)] * 4 + [
+        gluon_scan_forward._tiles_descriptor(tiles, gluon_scan_forward._STATE_TILE)] * 2
+    signature = dict(zip(kernel.arg_names, [d.__mangle__() for d in descriptors] + [
+        "*fp32", "*bf16", "*bf16", "*fp32", "*i8", "i32", "i32", "fp32", "i32"]))
+    constants = dict(HAS_BOUND=has_bound, SMALL_STAGES=gluon_scan_grads.SMALL_STAGES,
+                     STATE_STAGES=gluon_scan_grads.STATE_STAGES, COMPUTE_REGISTERS=gluon_scan_grads.COMPUTE_REGISTERS)
+    return _compile(kernel, signature, constants)
+
+
+def _compile(kernel, signature: dict, constants: dict):
+    signature = {**signature, **{name: "constexpr" for name in constants}}
     pointers = [name for name, kind in signature.items() if kind.startswith("*")]
     source = GluonASTSource(kernel, signature,
                             constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
@@ -77,3 +96,6 @@ def report(compiled) -> dict:
 if __name__ == "__main__":
     for variant in VARIANTS:
         print(json.dumps({"variant": variant, **report(compile_forward(variant))}), flush=True)
+    for has_bound in (True, False):
+        print(json.dumps({"variant": f"grads, {'a' if has_bound else 'no'} bound",
+                          **report(compile_grads(has_bound))}), flush=True)

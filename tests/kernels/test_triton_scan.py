@@ -493,13 +493,15 @@ def test_walks_the_gluon_forward_flags_run_again_whole(monkeypatch):
 @pytest.mark.skipif(GPU, reason="a stand-in for the Gluon forward; the GPU tests run the kernel")
 @pytest.mark.parametrize("recompute_states", [False, True], ids=["states kept", "states recomputed"])
 @pytest.mark.parametrize("segments", [1, 3], ids=["whole walks", "cut and seeded"])
-def test_training_through_the_gluon_forward_keeps_what_its_reruns_write(segments, recompute_states, monkeypatch):
+def test_training_through_the_gluon_kernels_keeps_what_their_reruns_write(segments, recompute_states, monkeypatch):
     """Where a backward follows, the one-pass branch hands the Gluon forward what the backward reads: buffers for
     the chunk states (unless recomputed) and the scores and, for cut walks, the seeds found first; the walks it
-    flags run again whole by the Triton forward, which keeps theirs. Interpreted, with a stand-in Gluon forward
-    that writes NaN into all it is given and flags every walk, the gradients come out exact only if the rerun
-    keeps all of it."""
+    flags run again whole by the Triton forward, which keeps theirs. The backward's Gluon grads kernel (opt-in,
+    `GLUON_GRADS`) leaves the chunks it flags to the Triton grads kernel's fallback launch. Interpreted, with
+    stand-ins for both Gluon kernels that write NaN into all they are given and flag everything, the gradients
+    come out exact only if the reruns write all of it."""
     monkeypatch.setattr(triton_scan.gluon_scan_forward, "applies", lambda *args: True)
+    monkeypatch.setattr(triton_scan, "GLUON_GRADS", True)
     monkeypatch.setattr(triton_scan, "_fused_forward", lambda *args: segments == 1)
     monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda *args: segments)
     calls = []
@@ -513,9 +515,17 @@ def test_training_through_the_gluon_forward_keeps_what_its_reruns_write(segments
                 written.fill_(float("nan"))
         return torch.ones(q.shape[0] * q.shape[2], dtype=torch.int32)
 
+    def grads_stand_in(q, f, v, do, bound, states, dstates, dq, df, db_chunks, flags, scale, programs):
+        calls.append("grads")
+        for written in (dq, df, db_chunks):
+            written.fill_(float("nan"))
+        flags.fill_(1)
+
     monkeypatch.setattr(triton_scan.gluon_scan_forward, "forward", stand_in)
+    monkeypatch.setattr(triton_scan.gluon_scan_grads, "grads", grads_stand_in)
     assert_close_to_oracle(compare_with_oracle(T=150, recompute_states=recompute_states), torch.float32)
-    assert calls == [dict(n_segments=segments, seeded=segments > 1, states=not recompute_states, scores=True)]
+    assert calls == [dict(n_segments=segments, seeded=segments > 1, states=not recompute_states, scores=True),
+                     "grads"]
 
 
 class LaunchSpy:
@@ -810,16 +820,39 @@ GLUON_TRAINING_CASES = {  # 4 x 12 walks, cut into 2 segments and seeded on the 
 }
 
 
+@pytest.fixture
+def gluon_grads_flags(monkeypatch):
+    """The flags each Gluon grads kernel the test runs leaves (and so that it ran)."""
+    flags, grads = [], triton_scan.gluon_scan_grads.grads
+
+    def recorded(*args):
+        grads(*args)
+        flags.append(args[10].clone())
+
+    monkeypatch.setattr(triton_scan.gluon_scan_grads, "grads", recorded)
+    return flags
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gluon_grads", [False, True], ids=["Triton grads", "Gluon grads"])
 @pytest.mark.parametrize("case", GLUON_TRAINING_CASES, ids=list(GLUON_TRAINING_CASES))
-def test_gpu_training_through_the_gluon_forward_matches_the_oracle(case, gluon_flags):
-    """o, the final state and every gradient, the Gluon forward keeping the chunk states and scores the backward
-    reads (or, recomputed, the seeds), against the float64 loop (`compare_with_oracle`)."""
+def test_gpu_training_through_the_gluon_kernels_matches_the_oracle(case, gluon_grads, gluon_flags, gluon_grads_flags,
+                                                                  monkeypatch):
+    """o, the final state and every gradient, against the float64 loop (`compare_with_oracle`): the Gluon forward
+    keeping the chunk states and scores the backward reads (or, recomputed, the seeds), and the Triton grads
+    kernel or, opted in (`GLUON_GRADS`), the Gluon one taking the chunks it anchors; flagged walks and chunks run
+    again by the Triton kernels, and only those."""
+    monkeypatch.setattr(triton_scan, "GLUON_GRADS", gluon_grads)
     options = {"B": 4, "H": 12, **GLUON_TRAINING_CASES[case]}
     assert_close_to_oracle(compare_with_oracle(K=128, dtype=torch.bfloat16, **options), torch.bfloat16)
     (flags,) = gluon_flags
     assert bool(flags.any()) == ("rerun" in case)
+    if gluon_grads:
+        (chunk_flags,) = gluon_grads_flags
+        assert bool(chunk_flags.any()) == ("rerun" in case)
+    else:
+        assert not gluon_grads_flags
 
 
 @pytest.mark.gpu
