@@ -380,11 +380,11 @@ _SCORES_TILE = gl.NVMMASharedLayout.get_default_for([CHUNK, CHUNK], gl.bfloat16)
 _STATE_TILE = gl.NVMMASharedLayout.get_default_for([HEAD, HEAD], gl.bfloat16)
 
 
-def _descriptor(x: Tensor) -> TensorDescriptor:
+def _descriptor(x: Tensor, layout=_TILE) -> TensorDescriptor:
     """x [B, T, H, HEAD] as TMA's [B T, H HEAD] rows of [CHUNK, HEAD] blocks (x's rows evenly strided, heads
-    dense)."""
+    dense), laid out in shared memory as `layout`."""
     B, T, H, D = x.shape
-    return TensorDescriptor(x, [B * T, H * D], [x.stride(1), 1], [CHUNK, D], _TILE)
+    return TensorDescriptor(x, [B * T, H * D], [x.stride(1), 1], [CHUNK, D], layout)
 
 
 def _tiles_descriptor(x: Tensor, layout) -> TensorDescriptor:

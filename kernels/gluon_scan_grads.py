@@ -189,25 +189,20 @@ def _compute_partition(args, PARITY: gl.constexpr):
         decay = gl.associative_scan(gate, 1, _product)  # exp(G_t) from the chunk's start
         decay_last = gl.sum(gl.where(at_end, decay, 0.0), axis=1)
         anchored = gl.min(decay_last, axis=0) >= NARROWEST
-        inverse = _reciprocal(decay)
         P, R = warpgroup_mma_wait(0, deps=[P, R])
-        dk_t = gl.convert_layout(R, tile) * (decay_last[:, None] * inverse)  # the state's share of dk
-        # the chunk end's pair with the last position carries no decay
-        dG = -gl.where((offs_c < length - 1)[None, :], k * dk_t, 0.0)
-        state_term = decay_last * sums.load(gl.SliceLayout(1, tile)) - gl.sum(dG, axis=1)
         # The states are read: their slot takes the intra-chunk products' float32 operands (tf32 on the tensor
         # cores, as `_bwd_kernel`'s: in bfloat16 the lower bound's gradient, a sum of terms that cancel, came out
         # 1.4e-2 from float64): k exp(-G), q exp(G) (zero past the sequence's end, where the rows are the next
         # sequence's) and the scores' gradient, both ways round. The diagonal pairs carry no decay: their gate
         # gradients cancel exactly, so they are kept out of the dq, dk that the gate gradient takes, and added to
         # the stored ones (as `_bwd_kernel`). The scale is applied after the products: dq's intra-chunk part
-        # accumulates onto S_0 do^T.
+        # accumulates onto S_0 do^T. exp(-G) is one rcp each time it is wanted: held, it spilled.
         operands = S0_s._reinterpret(gl.float32, [2, K, C], gl.NVMMASharedLayout.get_default_for([K, C], gl.float32))
         k_anchored, q_decayed = operands.index(0), operands.index(1)
         pair_grads = dS_s._reinterpret(gl.float32, [K * K // (2 * C * C), C, C],  # the whole slot, two used
                                        gl.NVMMASharedLayout.get_default_for([C, C], gl.float32))
         dA_later, dA_later_T = pair_grads.index(0), pair_grads.index(1)
-        k_anchored.store(k * inverse)
+        k_anchored.store(k * _reciprocal(decay))
         q_decayed.store(gl.where(valid, q_s.permute((1, 0)).load(tile).to(gl.float32) * decay, 0.0))
         dA_masked = gl.where(strictly_later, dA, 0.0)
         dA_later.store(dA_masked)
@@ -216,19 +211,25 @@ def _compute_partition(args, PARITY: gl.constexpr):
         P = warpgroup_mma(k_anchored, dA_later.permute((1, 0)), gl.convert_layout(P, products_tf32),
                           precision="tf32", is_async=True)
         P = warpgroup_mma_wait(0, deps=[P])
-        # Then one product at a time, each consumed as it lands: the registers of two at once spilled.
+        # Then each product consumed as it lands: the registers of more at once spilled.
         dq_t = decay * gl.convert_layout(P, tile) * scale
         diagonal_scores = _diagonal(dA, diagonal, tile)[None, :] * scale
         _store_rows(dq_t + diagonal_scores * k, dq, i_n, offs_c, c * C, T, H, i_h, rows, length, anchored)
         # q is zero past the sequence's end, and k: no mask needed below until db's sum
         q = gl.where((offs_c < length)[None, :], q_s.permute((1, 0)).load(tile).to(gl.float32), 0.0)
-        dG += q * dq_t
-        dk_t += diagonal_scores * q
+        dG = q * dq_t
+        dk_t = diagonal_scores * q
+        dk_state = gl.convert_layout(R, tile) * (decay_last[:, None] * _reciprocal(decay))
+        # the chunk end's pair with the last position carries no decay
+        k_dk_state = gl.where((offs_c < length - 1)[None, :], k * dk_state, 0.0)
+        dG -= k_dk_state
+        dk_t += dk_state
+        state_term = decay_last * sums.load(gl.SliceLayout(1, tile)) + gl.sum(k_dk_state, axis=1)
         dk_intra = warpgroup_mma(q_decayed, dA_later_T.permute((1, 0)), gl.zeros([K, C], gl.float32, products_tf32),
                                  precision="tf32", is_async=True)
         dk_intra = warpgroup_mma_wait(0, deps=[dk_intra])
         mbarrier.arrive(states_empty.index(s2), count=1)
-        dk_intra = gl.convert_layout(dk_intra, tile) * (inverse * scale)
+        dk_intra = gl.convert_layout(dk_intra, tile) * (_reciprocal(decay) * scale)
         dG -= k * dk_intra
         dk_t += dk_intra
         # dg_j = sum over t >= j of dG_t, and the state term (the chunk end as one more query)
@@ -279,11 +280,10 @@ def _grads_kernel(q_desc, f_desc, v_desc, do_desc, states_desc, dstates_desc, lo
                   COMPUTE_REGISTERS: gl.constexpr):
     C: gl.constexpr = q_desc.block_type.shape[0]
     K: gl.constexpr = q_desc.block_type.shape[1]
-    tile: gl.constexpr = q_desc.layout
-    small = (gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], tile),
-             gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], tile),
-             gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], tile),
-             gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], tile))
+    small = (gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], q_desc.layout),
+             gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], f_desc.layout),
+             gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], v_desc.layout),
+             gl.allocate_shared_memory(gl.bfloat16, [SMALL_STAGES, C, K], do_desc.layout))
     chunk_states = (gl.allocate_shared_memory(gl.bfloat16, [STATE_STAGES, K, K], states_desc.layout),
                     gl.allocate_shared_memory(gl.bfloat16, [STATE_STAGES, K, K], states_desc.layout))
     sums_bufs = gl.allocate_shared_memory(gl.float32, [2, K], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -304,6 +304,18 @@ def _grads_kernel(q_desc, f_desc, v_desc, do_desc, states_desc, dstates_desc, lo
                        [4, 1], [COMPUTE_REGISTERS, 24])
 
 
+_BY_CHANNEL_TILE = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+"""q's and f's [CHUNK, HEAD] tiles in shared memory, read only a channel a thread: unswizzled, each element's
+address is the thread's plus a constant. 128-byte swizzled, every thread held its own 32 addresses (they depend
+on its lane) across the loop, and the registers spilled."""
+
+
+def _descriptors(q: Tensor, f: Tensor, v: Tensor, do: Tensor, states: Tensor, dstates: Tensor) -> list:
+    """The kernel's TMA descriptors of its inputs, in its order."""
+    return [_descriptor(q, _BY_CHANNEL_TILE), _descriptor(f, _BY_CHANNEL_TILE), _descriptor(v), _descriptor(do),
+            _tiles_descriptor(states, _STATE_TILE), _tiles_descriptor(dstates, _STATE_TILE)]
+
+
 def grads(q: Tensor, f: Tensor, v: Tensor, do: Tensor, bound: Tensor | None, states: Tensor, dstates: Tensor,
           dq: Tensor, df: Tensor, db_chunks: Tensor, flags: Tensor, scale: float, programs: int) -> None:
     """Writes dq and df [B, T, H, K] and db_chunks [B T / C, H, K] (each chunk's share of the lower bound's
@@ -314,7 +326,6 @@ def grads(q: Tensor, f: Tensor, v: Tensor, do: Tensor, bound: Tensor | None, sta
     B, T, H, _ = q.shape
     n_items = flags.numel()
     _grads_kernel[(min(programs, n_items), )](
-        _descriptor(q), _descriptor(f), _descriptor(v), _descriptor(do), _tiles_descriptor(states, _STATE_TILE),
-        _tiles_descriptor(dstates, _STATE_TILE), db_chunks if bound is None else bound, dq, df, db_chunks, flags, T,
+        *_descriptors(q, f, v, do, states, dstates), db_chunks if bound is None else bound, dq, df, db_chunks, flags, T,
         H, scale, n_items, HAS_BOUND=bound is not None, SMALL_STAGES=SMALL_STAGES, STATE_STAGES=STATE_STAGES,
         COMPUTE_REGISTERS=COMPUTE_REGISTERS, num_warps=4)

@@ -287,10 +287,11 @@ def _scores_kept(B: int, H: int, K: int, V: int, dtype: torch.dtype, cu_seqlens:
 
 GLUON_GRADS = False
 """Whether the backward's chunk-parallel gradients take the Gluon kernel (kernels/gluon_scan_grads.py) where it
-applies, instead of `_bwd_kernel`'s anchored launch. Off: correct, but slower today (H100, record shape, kernel
-time: 1.74 ms against 1.33; its bfloat16-operand version took 1.11-1.19 against 1.33 on an H200 but missed the lower
-bound's gradient by 1.4e-2; kernels/HISTORY.md, thirty-second session). Set by benchmarks/scan_shapes.py
-(`--gluon-grads`) and by the tests that run it."""
+applies, instead of `_bwd_kernel`'s anchored launch. Off until it is measured faster on the H100: its last version
+took 1.144 ms on an H200 against the Triton kernel's 1.33 there, but an earlier one ran 22% slower on the H100 than
+on the H200 (1.74 against 1.42), where the Triton kernel takes 1.33 on both (record shape, kernel time;
+kernels/HISTORY.md, thirty-second session). Set by benchmarks/scan_shapes.py (`--gluon-grads`) and by the tests
+that run it."""
 
 TILE_OVERRIDES: dict[str, dict] = {}
 """Replaces entries of `_tiles` per kernel name; set only by benchmarks/scan_sweep.py, which times alternatives."""

@@ -59,8 +59,7 @@ def compile_grads(has_bound: bool):
     x = torch.zeros(1, 64, 2, gluon_scan_forward.HEAD, dtype=torch.bfloat16)
     tiles = torch.zeros(3, 2, gluon_scan_forward.HEAD, gluon_scan_forward.HEAD, dtype=torch.bfloat16)
     kernel = gluon_scan_grads._grads_kernel
-    descriptors = [gluon_scan_forward._descriptor(x)] * 4 + [
-        gluon_scan_forward._tiles_descriptor(tiles, gluon_scan_forward._STATE_TILE)] * 2
+    descriptors = gluon_scan_grads._descriptors(x, x, x, x, tiles, tiles)
     signature = dict(zip(kernel.arg_names, [d.__mangle__() for d in descriptors] + [
         "*fp32", "*bf16", "*bf16", "*fp32", "*i8", "i32", "i32", "fp32", "i32"]))
     constants = dict(HAS_BOUND=has_bound, SMALL_STAGES=gluon_scan_grads.SMALL_STAGES,
