@@ -584,13 +584,12 @@ def scan_fwd(
                                  common, backward=False)
             if backward and gluon_scan_forward.applies(K, V, q.dtype, cu_seqlens, reverse, q.device):
                 # the Gluon forward, keeping what the backward takes (its no-grad use: `_warp_specialized`)
+                given = (h0 if initial_state is not None else None, o, final if output_final_state else None)
                 kept = (states if save_states else None, scores if keep_scores else None)
                 flags = gluon_scan_forward.forward(
-                    q, f, v, q.new_zeros(H, K, dtype=torch.float32) if lower_bound is None else bound,
-                    h0 if initial_state is not None else None, o, final if output_final_state else None, scale,
+                    q, f, v, q.new_zeros(H, K, dtype=torch.float32) if lower_bound is None else bound, *given, scale,
                     walks.n_segments, walks.segment_chunks, *walks.kernel_args(), seeds if seeded else None, *kept)
-                _rerun_flagged(flags, q, f, v, bound, h0 if initial_state is not None else None, o,
-                               final if output_final_state else None, *kept, layout, scale, common, backward=True)
+                _rerun_flagged(flags, q, f, v, bound, *given, *kept, layout, scale, common, backward=True)
             else:
                 _fwd_fused_kernel[(_state_programs(K, V, tiles, N * H * walks.n_segments),)](
                     q, f, v, bound, h0, o, final, states, scores, *walks.kernel_args(), seeds, dummy,
