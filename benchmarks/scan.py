@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import kernels.triton_scan as triton_scan
+from kernels import triton_scan_dispatch as dispatch
 from kernels import gluon_scan_forward, hgrn2_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -180,11 +180,12 @@ KERNELS = {"_fwd_states_kernel": "states", "_fwd_output_kernel": "output", "_fwd
 
 
 def _dispatch(B: int, name: str, *args) -> int:
-    """What `triton_scan`'s dispatch function `name` decides for B sequences of the card's bf16 heads."""
-    return getattr(triton_scan, name)(B, H, D, D, torch.bfloat16, None, torch.device("cuda"), *args)
+    """What the dispatch function `name` (kernels/dispatch.py) decides for B sequences of the card's bf16
+    heads."""
+    return getattr(dispatch, name)(B, H, D, D, torch.bfloat16, None, torch.device("cuda"), *args)
 
 
-def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool = True) -> dict[str, float]:
+def kernel_bytes(T: int, B: int, chunk: int = dispatch.CHUNK, backward: bool = True) -> dict[str, float]:
     """Bytes each kernel the dispatch runs must move (summed where it runs twice: the segment ends of a seeded forward
     and backward): every tensor it reads or writes once, the chunk states (or their gradients) and the kept
     intra-chunk scores once per chunk of `chunk` tokens, all bf16; the segments' ends and seeds are left out."""
@@ -193,8 +194,8 @@ def kernel_bytes(T: int, B: int, chunk: int = triton_scan.CHUNK, backward: bool 
     states = n / chunk * D * D * 2
     cuda = torch.device("cuda")
     if not backward and gluon_scan_forward.applies(D, D, torch.bfloat16, None, False, cuda):
-        segments = triton_scan._cut(triton_scan._cdiv(T, triton_scan.CHUNK),
-                                    triton_scan._gluon_segments(B, H, cuda))[0]
+        segments = dispatch._cut(dispatch._cdiv(T, dispatch.CHUNK),
+                                    dispatch._gluon_segments(B, H, cuda))[0]
         # q, f, i in, o out; the flagged walks' rerun reads its flags (the card's gates flag none); past each walk's
         # first segment the seeds' kernel reads q, f and o and writes o
         return {"_forward_kernel": n * 4 * row, "_fwd_fused_kernel": 0,

@@ -19,6 +19,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 import kernels.triton_scan as triton_scan
+from kernels import triton_scan_dispatch as dispatch
 from kernels import hgrn2_scan
 
 
@@ -86,7 +87,7 @@ def main() -> None:
         with torch.cuda.device(q.device.index):
             pass
 
-    chunk = triton_scan.CHUNK
+    chunk = dispatch.CHUNK
     # The operators as a compiled graph calls them: below autograd, on tensors that need no gradient.
     inputs = [x.detach() for x in (q, f, v, bound)]
     fwd_args = (*inputs, None, None, scale, False, True, False, chunk, True)

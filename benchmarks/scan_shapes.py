@@ -50,8 +50,8 @@ def packed_boundaries(tokens: int, T: int, generator) -> list[int]:
 
 
 def tile_overrides(items: list[str]) -> dict[str, dict]:
-    """`KERNEL:NAME=VALUE` items as `kernels.triton_scan.TILE_OVERRIDES`, e.g. ["dh:num_stages=3", "dh:BK=64"] ->
-    {"dh": {"num_stages": 3, "BK": 64}}. Values are Python literals."""
+    """`KERNEL:NAME=VALUE` items as `kernels.triton_scan_dispatch.TILE_OVERRIDES`, e.g.
+    ["dh:num_stages=3", "dh:BK=64"] -> {"dh": {"num_stages": 3, "BK": 64}}. Values are Python literals."""
     overrides: dict[str, dict] = {}
     for item in items:
         kernel, _, assignment = item.partition(":")
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--recompute-states", action="store_true",
                         help="the backward rebuilds the chunk states (recompute_states, the LM configs' choice)")
     parser.add_argument("--gluon-grads", action="store_true",
-                        help="the backward's gradients by the Gluon kernel (`triton_scan.GLUON_GRADS`, off by default)")
+                        help="the backward's gradients by the Gluon kernel (`GLUON_GRADS`, off by default)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                         help="compare: run this script with OPTIONS as variant NAME (repeat for each variant)")
     parser.add_argument("--rounds", type=int, default=2, help="with --variant: how many times each variant runs")
@@ -162,11 +162,14 @@ def main() -> None:
         sys.path.insert(0, str(Path(args.kernels_from).resolve()))
     sys.path.insert(1, str(Path(__file__).resolve().parent))
     import kernels  # from --kernels-from when given
-    from kernels import triton_scan
+    try:
+        from kernels import triton_scan_dispatch as dispatch
+    except ImportError:  # kernels from before the thirty-second session kept their launch choices in triton_scan
+        from kernels import triton_scan as dispatch
     from scan import kernel_ms  # benchmarks/ is not a package
 
-    triton_scan.TILE_OVERRIDES.update(overrides)
-    triton_scan.GLUON_GRADS = args.gluon_grads
+    dispatch.TILE_OVERRIDES.update(overrides)
+    dispatch.GLUON_GRADS = args.gluon_grads
     label = args.kernels_from or str(Path(kernels.__file__).parent.parent)
     label += "".join(f" {item}" for item in args.tiles) + (" recompute" if args.recompute_states else "")
     label += " gluon-grads" if args.gluon_grads else ""

@@ -1,4 +1,5 @@
-"""Times each scan kernel over alternative tile sizes and launch options, to choose `kernels.triton_scan._tiles`.
+"""Times each scan kernel over alternative tile sizes and launch options, to choose
+`kernels.triton_scan_dispatch._tiles`.
 
 At the record shape (H 16, K = V = 128, bf16, 32768 tokens) for each length of --lengths, every candidate
 of CANDIDATES replaces one kernel's launch (`TILE_OVERRIDES`), and that kernel's own GPU time per call is
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-import kernels.triton_scan as triton_scan
+from kernels import triton_scan_dispatch as dispatch
 from kernels import hgrn2_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,7 +122,7 @@ def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
     reference = step()
     rows = []
     for candidate in candidates:
-        triton_scan.TILE_OVERRIDES[kernel] = candidate
+        dispatch.TILE_OVERRIDES[kernel] = candidate
         row = dict(candidate)
         try:
             outputs = step()
@@ -131,7 +132,7 @@ def sweep(kernel: str, candidates: list[dict], step, timed: bool) -> list[dict]:
         except Exception as error:  # a launch that does not fit this GPU is a result, not a crash
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         finally:
-            triton_scan.TILE_OVERRIDES.clear()
+            dispatch.TILE_OVERRIDES.clear()
         rows.append(row)
         print(kernel, row, flush=True)
     return rows
@@ -147,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
-    parser.add_argument("--chunk", type=int, default=triton_scan.CHUNK, help="the kernels' chunk length C")
+    parser.add_argument("--chunk", type=int, default=dispatch.CHUNK, help="the kernels' chunk length C")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--kernels", nargs="+", default=["states", "output", "dh", "grads"],
@@ -161,7 +162,7 @@ def main() -> None:
     if args.no_grad and not set(args.kernels) <= FORWARD_KERNELS:
         parser.error(f"--no-grad times the forward's kernels only: pass --kernels from {sorted(FORWARD_KERNELS)}")
     device = "cpu" if args.smoke else "cuda"
-    triton_scan.CHUNK = args.chunk
+    dispatch.CHUNK = args.chunk
     lengths = [40] if args.smoke else args.lengths
     dtype = torch.float32 if args.smoke else torch.bfloat16
     result = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "date": date.today().isoformat(),
@@ -175,15 +176,15 @@ def main() -> None:
             B, H, K = (1, 1, 16) if args.smoke else (args.tokens // T, args.heads, args.head_dim)
             # The default launch is timed first: the one to beat. The sequential kernels' depends on how many walks
             # there are, counting the segments that few long walks are cut into.
-            chunk = (triton_scan._forward_chunk(B, H, K, K, dtype, None, torch.device(device), backward=False)
+            chunk = (dispatch._forward_chunk(B, H, K, K, dtype, None, torch.device(device), backward=False)
                      if args.no_grad else args.chunk)
             if kernel.endswith("_ends"):
-                segments = triton_scan._one_pass_segments(B, H, K, K, dtype, None, torch.device(device))
+                segments = dispatch._one_pass_segments(B, H, K, K, dtype, None, torch.device(device))
             else:
-                segments, _ = triton_scan._segment_layout(triton_scan._cdiv(T, chunk), B * H, K, K, False,
+                segments, _ = dispatch._segment_layout(dispatch._cdiv(T, chunk), B * H, K, K, False,
                                                           torch.device(device))
-            dv_in_walk = not args.no_grad and triton_scan._scores_kept(B, H, K, K, dtype, None, torch.device(device))
-            default = triton_scan._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device), chunk=chunk,
+            dv_in_walk = not args.no_grad and dispatch._scores_kept(B, H, K, K, dtype, None, torch.device(device))
+            default = dispatch._tiles(kernel, K, K, dtype, B * H * segments, torch.device(device), chunk=chunk,
                                          dv_in_walk=dv_in_walk, backward=not args.no_grad)
             pool = SMALL_HEAD_CANDIDATES if K <= 64 else CANDIDATES
             candidates = [default] + [c for c in pool[kernel] if {**default, **c} != default]

@@ -17,7 +17,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.library import define_op
-from kernels.triton_scan import _cdiv, _empty, _next_power_of_2, _row_stride
+from kernels.triton_scan import _empty, _row_stride
+from kernels.triton_scan_dispatch import _cdiv, _next_power_of_2
 from kernels.triton_scan_chunk import _bound, _exp, _gate
 
 

@@ -18,11 +18,12 @@ one fully parallel over them:
             dG = q dq - k dk (reverse-cumulated within the chunk, plus the chunk-end state term
             sum_v S dS), and from it df and the lower bound's gradient, per chunk.
 With few (sequence, head) walks the two sequential passes cut each walk into segments run at once, joined
-by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan.py, `_segments` and `_Walks`).
+by a short carry pass (`_segment_carry_kernel`; when to cut: kernels/triton_scan_dispatch.py, `_segments`, and
+kernels/triton_scan.py, `_Walks`).
 Where a cut walk must start each segment from its true state (seeded), the segments' ends come first, summed
 without a walk (`_segment_ends_kernel`).
 With many walks of small heads the forward is one pass instead (`_fwd_fused_kernel`: the states walk computing
-each chunk's outputs from the state in its registers; when: kernels/triton_scan.py, `_fused_forward`).
+each chunk's outputs from the state in its registers; when: kernels/triton_scan_dispatch.py, `_fused_forward`).
 
 One chunk's math (the gate, the cumulative gate, the intra-chunk scores and their gradients) is
 kernels/triton_scan_chunk.py's.
@@ -507,7 +508,7 @@ def _bwd_dh_kernel(
 
     WRITE_DV (a walk over the whole K, whole or SEEDED, after a one-pass forward that kept its intra-chunk
     `scores`): dv = A^T do + (k exp(G_C - G)) dS as well, from the chunk-end state gradient dS in registers, and
-    the grads kernel skips it (`_scores_kept` in kernels/triton_scan.py says where, and what it gained).
+    the grads kernel skips it (`_scores_kept` in kernels/triton_scan_dispatch.py says where, and what it gained).
 
     SEGMENTED and SEEDED as in the states walk (`_fwd_states_kernel`), from the sequence's end: a cut walk that
     writes dv must write exact state gradients as it goes, so `_segment_ends_kernel` and the carry pass find each

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.triton_scan as triton_scan
+from kernels import triton_scan_dispatch as dispatch
 from tests.kernels.sm90_launches import record_launches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -21,7 +22,7 @@ def test_the_bandwidth_model_names_every_kernel_the_card_launches(T, monkeypatch
     the CPU at the card's full shape, as on the H100's 132 SMs, with launches recorded and not run: those
     launched, less the carry pass (whose bytes the model leaves out), are the model's, with grad and without, and
     then through the Gluon forward as a Hopper GPU runs it."""
-    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 132)
     B = 32768 // T
     q, f, i = (torch.empty(B, T, scan.H, scan.D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bound = torch.full((scan.H, scan.D), 0.5)

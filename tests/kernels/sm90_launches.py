@@ -127,7 +127,8 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
     """Forward with states for the backward (or, `recompute`, with seeds to rebuild them from), then the backward,
     as autograd calls them. Many heads (H * B walks) give the sequential kernels their wide tiles, few their
     narrow ones."""
-    from kernels.triton_scan import CHUNK, scan_bwd, scan_fwd, scan_states
+    from kernels.triton_scan import scan_bwd, scan_fwd, scan_states
+    from kernels.triton_scan_dispatch import CHUNK
 
     def run():
         T = 100
@@ -146,7 +147,8 @@ def scan_training_step(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_se
 def scan_inference(dtype: torch.dtype, K: int, H: int = 2, B: int = 2, cu_seqlens: torch.Tensor | None = None):
     """A forward no backward follows: its own chunk (`_forward_chunk`; with 64, the output kernel's two launches,
     which add the seeds of cut walks, or none where the walks are whole: packed)."""
-    from kernels.triton_scan import _forward_chunk, scan_fwd
+    from kernels.triton_scan import scan_fwd
+    from kernels.triton_scan_dispatch import _forward_chunk
 
     def run():
         q, f, v = (torch.zeros(B, 200, H, K, dtype=dtype) for _ in range(3))
@@ -176,7 +178,7 @@ def cross_entropy(dtype: torch.dtype, vocab: int):
     return run
 
 
-CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton_scan._segments)
+CASES = {  # "few heads": 4 walks of 4 chunks, cut into segments (kernels.triton_scan_dispatch._segments)
     "bf16 K128 few heads": scan_training_step(torch.bfloat16, 128),
     "bf16 K128 few heads recomputed": scan_training_step(torch.bfloat16, 128, recompute=True),
     "bf16 K128 packed reverse": scan_training_step(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kernels.triton_scan as triton_scan
+from kernels import triton_scan_dispatch as dispatch
 from kernels import hgrn2_scan
 from tests.helpers import fla_kernels_untuned, relative_error
 
@@ -122,8 +123,8 @@ def test_launch_arithmetic_equals_tritons():
     """The launch code's plain-Python ceil division and next power of two (triton's are slow on the host)."""
     import triton
 
-    assert all(triton_scan._cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 130))
-    assert all(triton_scan._next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(dispatch._cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 130))
+    assert all(dispatch._next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
 
 
 @pytest.mark.skipif(GPU, reason="the GPU run covers these with the compiled kernels")
@@ -136,8 +137,8 @@ def test_interpreted_kernels_match_the_oracle(case):
 def test_interpreted_kernels_with_the_wide_sequential_tiles(monkeypatch):
     """The states and dh kernels take 64-wide K blocks once there are 8 programs per SM (64-wide heads; 128-wide
     from 2); this few heads get them only on a GPU of one SM (the cases above run the narrow ones)."""
-    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
-    assert triton_scan._tiles("states", 64, 64, torch.float32, walks=8)["BK"] == 64
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 1)
+    assert dispatch._tiles("states", 64, 64, torch.float32, walks=8)["BK"] == 64
     assert_close_to_oracle(compare_with_oracle(T=70, H=4, K=64), torch.float32)
 
 
@@ -145,9 +146,9 @@ def test_tiles_of_the_no_grad_forward():
     """At chunk 64 (the no-grad forward of bfloat16 128-wide heads) the output kernel takes 64-wide V blocks (H100,
     twenty-fifth session: T 8K 0.54 -> 0.47 ms); at training's chunk 32, 128-wide ones. The one-pass forward takes 3
     pipeline stages where no backward follows (twenty-sixth: T 2K 0.56 -> 0.48 ms; training's 0.66 -> 0.71)."""
-    output_bv = lambda **kwargs: triton_scan._tiles("output", 128, 128, torch.bfloat16, **kwargs)["BV"]
-    assert (output_bv(chunk=triton_scan.INFERENCE_CHUNK), output_bv()) == (64, 128)
-    fused_stages = lambda **kwargs: triton_scan._tiles("fused", 128, 128, torch.bfloat16, **kwargs)["num_stages"]
+    output_bv = lambda **kwargs: dispatch._tiles("output", 128, 128, torch.bfloat16, **kwargs)["BV"]
+    assert (output_bv(chunk=dispatch.INFERENCE_CHUNK), output_bv()) == (64, 128)
+    fused_stages = lambda **kwargs: dispatch._tiles("fused", 128, 128, torch.bfloat16, **kwargs)["num_stages"]
     assert (fused_stages(backward=False), fused_stages()) == (3, 2)
 
 
@@ -155,12 +156,12 @@ def test_whole_state_walk_tiles(monkeypatch):
     """128-wide heads in 16-bit walk the whole state in one program where those fill the SMs in one wave of at most
     two per SM (here 2 walks on one SM), and match the float64 loop; float32 inputs, packed walks and the no-grad
     forward's 64-long chunks never do."""
-    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
-    assert triton_scan._tiles("dh", 128, 128, torch.float16, walks=2)["BK"] == 128
-    assert triton_scan._tiles("dh", 128, 128, torch.float16, walks=3)["BK"] < 128
-    assert triton_scan._tiles("dh", 128, 128, torch.float32, walks=2)["BK"] < 128
-    assert triton_scan._tiles("dh", 128, 128, torch.float16, walks=2, packed=True)["BK"] < 128
-    assert triton_scan._tiles("states", 128, 128, torch.float16, walks=2, chunk=64)["BK"] < 128
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 1)
+    assert dispatch._tiles("dh", 128, 128, torch.float16, walks=2)["BK"] == 128
+    assert dispatch._tiles("dh", 128, 128, torch.float16, walks=3)["BK"] < 128
+    assert dispatch._tiles("dh", 128, 128, torch.float32, walks=2)["BK"] < 128
+    assert dispatch._tiles("dh", 128, 128, torch.float16, walks=2, packed=True)["BK"] < 128
+    assert dispatch._tiles("states", 128, 128, torch.float16, walks=2, chunk=64)["BK"] < 128
     assert_close_to_oracle(compare_with_oracle(B=1, T=70, H=2, K=128, dtype=torch.float16), torch.float16)
 
 
@@ -172,10 +173,10 @@ def test_few_long_walks_are_cut_into_segments_and_carried_exactly(monkeypatch):
     state, final state) match the float64 loop, with the chunk states kept for the backward (the carry pass fixes
     them) or recomputed there (the forward's output kernel adds the seeds, and the recomputation starts from
     them)."""
-    assert triton_scan._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 8
-    assert triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 4
-    assert triton_scan._segments(n_chunks=256, walks=64, K=128, V=128, device=None) == 1
-    assert triton_scan._segments(n_chunks=64, walks=256, K=128, V=128, device=None) == 1
+    assert dispatch._segments(n_chunks=512, walks=16, K=128, V=128, device=None) == 8
+    assert dispatch._segments(n_chunks=512, walks=32, K=128, V=128, device=None) == 4
+    assert dispatch._segments(n_chunks=256, walks=64, K=128, V=128, device=None) == 1
+    assert dispatch._segments(n_chunks=64, walks=256, K=128, V=128, device=None) == 1
     walks = []
     original = triton_scan._Walks.__init__
 
@@ -313,7 +314,7 @@ def test_forward_without_grad_keeps_no_states():
     h0 = torch.randn(len(lengths), H, K, K, device=DEVICE)
     with torch.no_grad():
         _, _, states, seeds, scores = triton_scan.scan_fwd(q, f, i, b, h0, cu_seqlens, K**-0.5, True, False, True,
-                                                           triton_scan.CHUNK, False)
+                                                           dispatch.CHUNK, False)
         ours = hgrn2_scan(q, f, i, b, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
                           reverse=True, backend="triton")
     exact = hgrn2_scan(*(x.double() for x in (q, f, i, b)), initial_state=h0.double(), output_final_state=True,
@@ -364,11 +365,11 @@ def test_forward_without_grad_matches_the_oracle(case, monkeypatch):
     would take it). The interpreter runs float32 heads of 16, which it keeps at 32 (`_forward_chunk`): the chunk of
     64 is forced there."""
     dtype, K = (torch.bfloat16, 128) if GPU else (torch.float32, 16)
-    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda *args, **kwargs: 1)
+    monkeypatch.setattr(dispatch, "_one_pass_segments", lambda *args, **kwargs: 1)
     if GPU:
-        assert triton_scan._forward_chunk(1, 1, K, K, dtype, None, None, backward=False) == triton_scan.INFERENCE_CHUNK
+        assert dispatch._forward_chunk(1, 1, K, K, dtype, None, None, backward=False) == dispatch.INFERENCE_CHUNK
     else:
-        monkeypatch.setattr(triton_scan, "_forward_chunk", lambda *args, **kwargs: triton_scan.INFERENCE_CHUNK)
+        monkeypatch.setattr(dispatch, "_forward_chunk", lambda *args, **kwargs: dispatch.INFERENCE_CHUNK)
     assert_close_to_oracle(forward_errors(dtype, K=K, **INFERENCE_CASES[case]), dtype)
 
 
@@ -376,7 +377,7 @@ def test_where_the_one_pass_forward_runs():
     """Where `_fused_forward` switches on the H100's 132 SMs (H 16): 64-wide bf16 heads at T 2K from more than 4
     programs per 3 SMs (the two-pass forward won at 1.21 and 1.33 programs per SM, B 10 and 11; the one-pass from
     1.45, B 12; fourteenth session); 128-wide ones from about one program per SM (B 8 at T 4K won, sixteenth)."""
-    fused = lambda B, K=64, dtype=torch.bfloat16, cu_seqlens=None: triton_scan._fused_forward(
+    fused = lambda B, K=64, dtype=torch.bfloat16, cu_seqlens=None: dispatch._fused_forward(
         B, 16, K, K, dtype, cu_seqlens, None)
     assert [fused(B) for B in (10, 11, 12, 16)] == [False, False, True, True]
     assert [fused(B, K=128) for B in (4, 7, 8, 32)] == [False, False, True, True]
@@ -397,7 +398,7 @@ FUSED_CASES = {  # the one-pass forward holds the state through the sequence; it
 def one_pass_forward(monkeypatch, triton_forward):
     """The one-pass forward (`_fwd_fused_kernel`), which the dispatch takes for many walks of small bf16 heads
     (`_fused_forward`), forced whatever the size and dtype; the two-pass forward's states kernel barred."""
-    monkeypatch.setattr(triton_scan, "_fused_forward", lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
+    monkeypatch.setattr(dispatch, "_fused_forward", lambda B, H, K, V, dtype, cu_seqlens, device: cu_seqlens is None)
     monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
 
 
@@ -433,7 +434,7 @@ def test_cut_one_pass_forward_matches_the_oracle(case, K, monkeypatch):
     """The one-pass forward without grad, each walk cut into segments run at once (`_one_pass_segments`), forced
     whatever the size and dtype; the two-pass forward's kernels barred. The seeds the carry pass hands on reach the
     outputs (`_fwd_seed_kernel`) and the final state."""
-    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
+    monkeypatch.setattr(dispatch, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
     monkeypatch.setattr(triton_scan, "_fwd_states_kernel", None)
     monkeypatch.setattr(triton_scan, "_fwd_output_kernel", None)
     dtype = torch.bfloat16 if GPU else (torch.float16 if K == 128 else torch.float32)
@@ -443,7 +444,7 @@ def test_cut_one_pass_forward_matches_the_oracle(case, K, monkeypatch):
 def test_where_the_one_pass_forward_is_cut():
     """On the H100's 132 SMs (H 16, 128-wide bf16 heads): from 66 walks or fewer (T 8K, B 4: 2 segments; T 16K, B
     2: 4), not where the walks fill the GPU, nor in float16."""
-    cut = lambda B, dtype=torch.bfloat16: triton_scan._one_pass_segments(B, 16, 128, 128, dtype, None, None)
+    cut = lambda B, dtype=torch.bfloat16: dispatch._one_pass_segments(B, 16, 128, 128, dtype, None, None)
     assert [cut(B) for B in (1, 2, 4, 5, 8)] == [8, 4, 2, 1, 1]
     assert cut(4, dtype=torch.float16) == 1
 
@@ -501,9 +502,9 @@ def test_training_through_the_gluon_kernels_keeps_what_their_reruns_write(segmen
     stand-ins for both Gluon kernels that write NaN into all they are given and flag everything, the gradients
     come out exact only if the reruns write all of it."""
     monkeypatch.setattr(triton_scan.gluon_scan_forward, "applies", lambda *args: True)
-    monkeypatch.setattr(triton_scan, "GLUON_GRADS", True)
-    monkeypatch.setattr(triton_scan, "_fused_forward", lambda *args: segments == 1)
-    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda *args: segments)
+    monkeypatch.setattr(dispatch, "GLUON_GRADS", True)
+    monkeypatch.setattr(dispatch, "_fused_forward", lambda *args: segments == 1)
+    monkeypatch.setattr(dispatch, "_one_pass_segments", lambda *args: segments)
     calls = []
 
     def stand_in(q, f, v, bound, initial_state, o, final, scale, n_segments, segment_chunks, *buffers):
@@ -561,7 +562,7 @@ def test_training_through_the_cut_one_pass_forward(case, monkeypatch):
     walk is cut and seeded the same way and writes dv from the scores (`_one_pass_segments`). Forced here whatever
     the size and dtype, with the two-pass forward's output kernel barred: poisoned outputs show what is left
     unwritten, and the float64 loop what is wrong."""
-    monkeypatch.setattr(triton_scan, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
+    monkeypatch.setattr(dispatch, "_one_pass_segments", lambda B, H, K, V, dtype, cu_seqlens, device: 3)
     monkeypatch.setattr(triton_scan, "_fwd_output_kernel", None)
     spies = {name: LaunchSpy(getattr(triton_scan, name)) for name in ("_segment_ends_kernel", "_fwd_states_kernel",
                                                                       "_fwd_fused_kernel", "_bwd_dh_kernel",
@@ -572,7 +573,7 @@ def test_training_through_the_cut_one_pass_forward(case, monkeypatch):
     dtype = options.pop("dtype", torch.float32)
     if "ends_step" in options:
         step = {"BT": options.pop("ends_step")}
-        monkeypatch.setattr(triton_scan, "TILE_OVERRIDES", {"states_ends": step, "dh_ends": step})
+        monkeypatch.setattr(dispatch, "TILE_OVERRIDES", {"states_ends": step, "dh_ends": step})
     assert_close_to_oracle(compare_with_oracle(dtype=dtype, **options), dtype)
 
     launches = {name: [{key: launch[key] for key in ("SEGMENTED", "SEEDED", "BACKWARD", "WRITE_DV")
@@ -584,7 +585,7 @@ def test_training_through_the_cut_one_pass_forward(case, monkeypatch):
     assert launches["_fwd_fused_kernel"] == [seeded]
     assert launches["_bwd_dh_kernel"] == [dict(seeded, WRITE_DV=True)]
     assert all(launch == dict(WRITE_DV=False) for launch in launches["_bwd_kernel"])
-    n_chunks = -(-options["T"] // triton_scan.CHUNK)
+    n_chunks = -(-options["T"] // dispatch.CHUNK)
     segments = -(-n_chunks // -(-n_chunks // 3))  # 3 asked, none left empty: 5 chunks take 3, 4 chunks 2
     walks = options.get("B", 2) * options.get("H", 2)
     assert spies["_fwd_fused_kernel"].launches[0]["grid"] == (walks * segments,)
@@ -595,15 +596,15 @@ def test_where_the_dh_walk_takes_dv():
     holds the whole K (the record shape walks the whole state: whole walks at T 1K to 4K, cut and seeded at 8K and
     16K; 64-wide heads, which without dv would split K at the ViT-tiny's 768 walks and the LM's 256, walk 64 x 64
     tiles), not without the one-pass forward (float16, 64-wide heads of too few walks)."""
-    kept = lambda B, H, K, dtype=torch.bfloat16: triton_scan._scores_kept(B, H, K, K, dtype, None, None)
+    kept = lambda B, H, K, dtype=torch.bfloat16: dispatch._scores_kept(B, H, K, K, dtype, None, None)
     assert all([kept(32, 16, 128), kept(16, 16, 128), kept(8, 16, 128), kept(4, 16, 128), kept(2, 16, 128)])
     assert all([kept(256, 6, 64), kept(256, 3, 64), kept(16, 16, 64)])
     assert not kept(2, 16, 64)
     assert not kept(16, 16, 128, dtype=torch.float16)
     for K, walks in [(128, 512), (64, 768), (64, 256)]:
-        tiles = triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks, dv_in_walk=True)
+        tiles = dispatch._tiles("dh", K, K, torch.bfloat16, walks=walks, dv_in_walk=True)
         assert (tiles["BK"], tiles["BV"]) == (K, K), (K, walks)
-        assert triton_scan._tiles("dh", K, K, torch.bfloat16, walks=walks)["BK"] < K, (K, walks)  # without dv
+        assert dispatch._tiles("dh", K, K, torch.bfloat16, walks=walks)["BK"] < K, (K, walks)  # without dv
 
 
 def test_walk_pipeline_stages():
@@ -611,20 +612,20 @@ def test_walk_pipeline_stages():
     only where its 64 x 64 tile programs would be fewer than four per SM (T 8K, B 4: 0.54 -> 0.44 ms; T 16K, B 2,
     cut into 4 segments: 0.377 -> 0.324); packed, with 1,024 programs, it lost (0.43 -> 0.47; twenty-sixth
     session), and the whole-state walk that rebuilds T 2K's states was not measured at 3."""
-    stages = lambda kernel, walks, packed=False: triton_scan._tiles(kernel, 128, 128, torch.bfloat16, walks=walks,
+    stages = lambda kernel, walks, packed=False: dispatch._tiles(kernel, 128, 128, torch.bfloat16, walks=walks,
                                                                      packed=packed)["num_stages"]
     assert [stages("dh", walks) for walks in (64, 256, 512)] == [3, 3, 3]
     assert stages("dh", 256, packed=True) == stages("states", 64) == 3
-    segments = triton_scan._segments(n_chunks=512, walks=32, K=128, V=128, device=None)
+    segments = dispatch._segments(n_chunks=512, walks=32, K=128, V=128, device=None)
     assert segments == 4 and stages("states", 32 * segments) == 3
     assert stages("states", 256, packed=True) == stages("states", 256) == 2
-    assert triton_scan._tiles("dh", 64, 64, torch.bfloat16, walks=768, dv_in_walk=True)["num_stages"] == 3
+    assert dispatch._tiles("dh", 64, 64, torch.bfloat16, walks=768, dv_in_walk=True)["num_stages"] == 3
 
 
 def test_the_grads_kernel_with_its_own_loads_for_the_tensor_cores(monkeypatch):
     """OWN_MMA_LOADS, the grads kernel's launch for bfloat16 chunk states (`_tiles`), over two V blocks; in float32
     here, for a tight bound."""
-    monkeypatch.setitem(triton_scan.TILE_OVERRIDES, "grads", dict(OWN_MMA_LOADS=True, num_stages=2, BV=16))
+    monkeypatch.setitem(dispatch.TILE_OVERRIDES, "grads", dict(OWN_MMA_LOADS=True, num_stages=2, BV=16))
     assert_close_to_oracle(compare_with_oracle(T=70, K=32), torch.float32)
 
 
@@ -641,10 +642,10 @@ DV_IN_WALK_CASES = {  # on a one-SM GPU, so that these few walks are not cut int
 def test_the_dh_walk_takes_dv_from_the_forwards_scores(case, monkeypatch):
     """The forward keeps its intra-chunk scores and the dh walk writes dv from them (the grads kernel leaves dv to
     it: poisoned, it would show)."""
-    monkeypatch.setattr(triton_scan, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 1)
     options = DV_IN_WALK_CASES[case]
     dtype, K = options.get("dtype", torch.float32), options.get("K", 16)
-    assert triton_scan._scores_kept(options.get("B", 2), 2, K, K, dtype, None, None)
+    assert dispatch._scores_kept(options.get("B", 2), 2, K, K, dtype, None, None)
     assert_close_to_oracle(compare_with_oracle(**options), dtype)
 
 
@@ -682,10 +683,10 @@ def test_operators_pass_opcheck():
     q, f, i = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     b = (torch.rand(2, 16, device=DEVICE) * 0.9).requires_grad_()
     for save_states in (True, False):
-        args = (q, f, i, b, None, None, 0.25, False, save_states, True, triton_scan.CHUNK, True)
+        args = (q, f, i, b, None, None, 0.25, False, save_states, True, dispatch.CHUNK, True)
         torch.library.opcheck(triton_scan.scan_fwd_op, args)
     o, _, states, seeds, scores = triton_scan.scan_fwd(*(x.detach() for x in (q, f, i, b)), None, None, 0.25, True,
-                                                       True, False, triton_scan.CHUNK, True)
+                                                       True, False, dispatch.CHUNK, True)
     torch.library.opcheck(triton_scan.scan_states_op, (q, f, i, b, None, seeds, None, True))
     torch.library.opcheck(triton_scan.scan_bwd_op, (q, f, i, b, None, states, scores, torch.randn_like(o), None, None,
                                                     0.25, True, False))
@@ -843,7 +844,7 @@ def test_gpu_training_through_the_gluon_kernels_matches_the_oracle(case, gluon_g
     keeping the chunk states and scores the backward reads (or, recomputed, the seeds), and the Triton grads
     kernel or, opted in (`GLUON_GRADS`), the Gluon one taking the chunks it anchors; flagged walks and chunks run
     again by the Triton kernels, and only those."""
-    monkeypatch.setattr(triton_scan, "GLUON_GRADS", gluon_grads)
+    monkeypatch.setattr(dispatch, "GLUON_GRADS", gluon_grads)
     options = {"B": 4, "H": 12, **GLUON_TRAINING_CASES[case]}
     assert_close_to_oracle(compare_with_oracle(K=128, dtype=torch.bfloat16, **options), torch.bfloat16)
     (flags,) = gluon_flags
